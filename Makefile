@@ -1,0 +1,28 @@
+# The two commands of the README: `make bench` (the main job) and `make test`.
+# Both set themselves up from a fresh clone (venv, torch, build) via scripts/bootstrap.sh.
+VENV ?= .venv
+VPY  := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: build test bench cuda-check gpu-check clean
+
+build:
+	./scripts/bootstrap.sh
+
+test: build cuda-check
+	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: build
+	$(VPY) -m fastreg.bench $(BENCH_ARGS)
+
+# Compile every CUDA source with nvcc for sm_80 and sm_90 against the installed torch headers
+# (no GPU needed). Skips with a message when nvcc is absent.
+cuda-check: build
+	$(VPY) scripts/cuda_check.py
+
+# On the GPU box: build with CUDA, run the tests and the GPU benchmarks, logs + results to $$OUT.
+gpu-check:
+	./scripts/gpu_check.sh
+
+clean:
+	rm -rf build fastreg/_C*.so *.egg-info

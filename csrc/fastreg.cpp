@@ -1,0 +1,46 @@
+// fastreg: every operator schema lives here, in one place.
+//
+//   op                                   CPU kernel                 CUDA kernel                 Python API
+//   linear_cross_entropy                 csrc/lce/lce.cpp (driver)  same driver + _lce_rows     fastreg/functional.py
+//   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
+//   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
+//   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
+//
+// The module `fastreg._C` itself is empty: importing it loads this library, whose static
+// initialisers register the operators with the dispatcher.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastreg operators (see torch.ops.fastreg)", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fastreg, m) {
+  // ---- fused linear -> softmax -> cross-entropy ---------------------------------------------
+  // input (N, D), weight (V, D), target (N,) int64/int32, bias (V,), class_weight (V,).
+  // reduction: 0 none, 1 mean, 2 sum. softcap <= 0 means off. output_mask: which of
+  // (grad_input, grad_weight, grad_bias) to compute *in the forward* (scalar reductions only;
+  // they come out scaled for a unit upstream gradient). Unrequested gradients are empty.
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "int reduction, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
+      "bool[3] output_mask) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients for reduction='none' given the per-row upstream gradient grad_loss (N,): recomputes
+  // the logits chunk by chunk.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
+      "Tensor? class_weight, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Internal: the fused per-row pass over one chunk of logits (rows, V), contiguous. Writes each
+  // row's loss (log-sum-exp, smoothing, z-loss included) into loss_rows and, if write_grad, the
+  // gradient of the loss w.r.t. the (pre-softcap) logits in place, times row_scale (numel 1 or rows).
+  // Ignored rows get loss 0 and gradient 0.
+  m.def(
+      "_lce_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor row_scale, int ignore_index, "
+      "float label_smoothing, float softcap, float z_loss, bool write_grad, Tensor(b!) loss_rows) -> ()");
+
+  // ---- fused optimizers (csrc/optim) ----------------------------------------------------------
+  // FASTREG-OPTIM-SCHEMAS (owned by the optimizer kernels; keep them below this line)
+}

@@ -1,0 +1,59 @@
+// The per-row formulas of the fused linear cross-entropy, shared by the CPU and CUDA row passes.
+//
+// For one row with (possibly softcapped) logits z (V classes), target t, class weights w (w == 1
+// without weights, W = sum_c w_c), label smoothing e and z-loss coefficient l:
+//   lse    = log sum_c exp(z_c)
+//   loss   = (1-e) w_t (lse - z_t) + (e/V) (W lse - sum_c w_c z_c) + l lse^2
+// which is exactly torch's cross_entropy row loss (with and without class weights) plus z-loss.
+// Its gradient w.r.t. z, times the row's upstream scale s:
+//   g_c    = A p_c - B w_c - [c == t] C,   p_c = exp(z_c - lse)
+//   A = s ((1-e) w_t + e W / V + 2 l lse),   B = s e / V,   C = s (1-e) w_t
+// and with softcap (z = cap * tanh(a / cap)) the gradient w.r.t. the raw logit a is g_c (1 - (z_c/cap)^2).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTREG_HD __host__ __device__ __forceinline__
+#else
+#define FASTREG_HD inline
+#endif
+
+namespace fastreg {
+
+template <typename T>
+FASTREG_HD T lce_row_loss(T lse, T z_t, T w_t, T sum_wz, T w_sum, T eps, int64_t V, T zloss) {
+  const T inv_v = T(1) / T(V);
+  return (T(1) - eps) * w_t * (lse - z_t) + eps * inv_v * (w_sum * lse - sum_wz) + zloss * lse * lse;
+}
+
+template <typename T>
+struct LceGradCoefs {
+  T A, B, C;
+};
+
+template <typename T>
+FASTREG_HD LceGradCoefs<T> lce_grad_coefs(T scale, T lse, T w_t, T w_sum, T eps, int64_t V, T zloss) {
+  const T inv_v = T(1) / T(V);
+  LceGradCoefs<T> k;
+  k.A = scale * ((T(1) - eps) * w_t + eps * w_sum * inv_v + T(2) * zloss * lse);
+  k.B = scale * eps * inv_v;
+  k.C = scale * (T(1) - eps) * w_t;
+  return k;
+}
+
+// Derivative of cap * tanh(a / cap) expressed through its value z.
+template <typename T>
+FASTREG_HD T softcap_grad_from_value(T z, T cap) {
+  const T r = z / cap;
+  return T(1) - r * r;
+}
+
+// A target takes part in the loss iff it is not ignore_index and lies in [0, V); anything else is
+// treated as ignored by the row passes (the driver reports out-of-range targets as errors first),
+// so no pass ever reads or writes out of bounds.
+FASTREG_HD bool lce_target_active(int64_t t, int64_t ignore_index, int64_t V) {
+  return t != ignore_index && t >= 0 && t < V;
+}
+
+}  // namespace fastreg
