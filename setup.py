@@ -45,7 +45,7 @@ NVCC_FLAGS = [
     "--expt-relaxed-constexpr",
     "-lineinfo",
 ]
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-fvisibility=hidden"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-Wno-psabi", "-fopenmp", "-fopenmp-simd", "-fvisibility=hidden"]
 
 
 def extensions():

@@ -11,7 +11,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastreg operators (see torch.ops.fastreg)", -1,
                                           nullptr};
   return PyModule_Create(&module_def);

@@ -1,0 +1,287 @@
+// The fused linear -> softmax -> cross-entropy driver, shared by CPU and CUDA.
+//
+// Rows are processed in chunks so the extra memory is O(chunk x V), never N x V. Per chunk:
+//   logits  = x_c W^T (+ b)                 GEMM 1, into a reused (chunk, V) buffer
+//   _lce_rows(logits)                       fused row pass: max, log-sum-exp, loss, z-loss and,
+//                                           in place, d loss / d logits (csrc/lce/lce_cpu.cpp,
+//                                           csrc/cuda/lce_rows.cu)
+//   grad_x_c = dlogits W                    GEMM 2
+//   grad_W  += dlogits^T x_c                GEMM 3 (accumulated in fp32/fp64)
+//   grad_b  += sum_rows dlogits
+// For scalar reductions the gradients are produced by the forward (3 GEMMs in total); for
+// reduction='none' the backward recomputes the logits with the per-row upstream gradient.
+// The GEMMs are ATen ops, so they run on MKL/oneDNN on CPU and cuBLAS (current stream) on CUDA.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "lce/lce_math.h"
+
+namespace fastreg {
+namespace {
+
+using at::Tensor;
+constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
+
+struct Problem {
+  Tensor x;       // (N, D)
+  Tensor w;       // (V, D)
+  Tensor target;  // (N,) int64
+  Tensor bias;    // (V,) or undefined
+  Tensor cw;      // (V,) class weights in the accumulate dtype, or undefined
+  int64_t N, D, V;
+  at::ScalarType acc;
+};
+
+bool blas_friendly(const Tensor& m) {
+  return m.dim() == 2 && (m.stride(1) == 1 || m.stride(0) == 1);
+}
+
+Problem prepare(const char* fn, const Tensor& input, const Tensor& weight, const Tensor& target,
+                const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight, int64_t ignore_index,
+                double label_smoothing, double softcap, double z_loss, int64_t chunk_size) {
+  TORCH_CHECK_VALUE(input.dim() == 2, fn, ": input must be (N, D) here (the Python API flattens (*, D)), got shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": linear_weight must be 2-D (num_classes, in_features), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(input.size(1) == weight.size(1), fn, ": input has ", input.size(1),
+                    " features but linear_weight has shape ", weight.sizes(), " (expected (num_classes, ",
+                    input.size(1), "))");
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, fn, ": linear_weight must have at least one class");
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, fn,
+                   ": input must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_TYPE(weight.scalar_type() == dt, fn, ": linear_weight dtype ", weight.scalar_type(),
+                   " does not match input dtype ", dt);
+  TORCH_CHECK_VALUE(weight.device() == input.device(), fn, ": linear_weight is on ", weight.device(),
+                    " but input is on ", input.device());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, fn,
+                   ": target must hold class indices as int64 or int32, got ", target.scalar_type(),
+                   " (class-probability targets are not supported)");
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), fn, ": target has shape ",
+                    target.sizes(), " but input has ", input.size(0), " rows (expected target of shape (",
+                    input.size(0), ",))");
+  TORCH_CHECK_VALUE(target.device() == input.device(), fn, ": target is on ", target.device(),
+                    " but input is on ", input.device());
+  const int64_t V = weight.size(0);
+  Problem p;
+  p.N = input.size(0);
+  p.D = input.size(1);
+  p.V = V;
+  p.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  if (bias.has_value()) {
+    const Tensor& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == V, fn, ": linear_bias has shape ", b.sizes(), " but expected (",
+                      V, ",)");
+    TORCH_CHECK_TYPE(b.scalar_type() == dt, fn, ": linear_bias dtype ", b.scalar_type(),
+                     " does not match input dtype ", dt);
+    TORCH_CHECK_VALUE(b.device() == input.device(), fn, ": linear_bias is on ", b.device(), " but input is on ",
+                      input.device());
+    p.bias = b;
+  }
+  if (class_weight.has_value()) {
+    const Tensor& c = *class_weight;
+    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == V, fn, ": weight (class weights) has shape ", c.sizes(),
+                      " but expected (", V, ",)");
+    TORCH_CHECK_TYPE(at::isFloatingType(c.scalar_type()), fn, ": weight (class weights) must be floating point, got ",
+                     c.scalar_type());
+    TORCH_CHECK_VALUE(c.device() == input.device(), fn, ": weight (class weights) is on ", c.device(),
+                      " but input is on ", input.device());
+    p.cw = c.to(p.acc).contiguous();
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, fn,
+                    ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), fn, ": softcap must be a positive number or None, got ",
+                    softcap);
+  TORCH_CHECK_VALUE(std::isfinite(z_loss), fn, ": z_loss must be finite, got ", z_loss);
+  TORCH_CHECK_VALUE(chunk_size >= 0, fn, ": chunk_size must be a positive number of rows or None, got ", chunk_size);
+
+  p.x = blas_friendly(input) ? input : input.contiguous();
+  p.w = blas_friendly(weight) ? weight : weight.contiguous();
+  p.target = target.to(at::kLong).contiguous();
+
+  // Targets must be a class or ignore_index. The row passes never touch memory for any other
+  // value (they treat it as ignored); here it becomes an error.
+  if (p.N > 0) {
+    if (p.target.is_cpu()) {
+      const int64_t* t = p.target.data_ptr<int64_t>();
+      for (int64_t i = 0; i < p.N; ++i) {
+        TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < V), fn, ": target[", i, "] = ", t[i],
+                          " is out of range for ", V, " classes (expected 0 <= target < ", V,
+                          " or target == ignore_index = ", ignore_index, ")");
+      }
+    } else {
+      // No host sync on accelerators: an asynchronous device-side assert.
+      const Tensor bad = (p.target != ignore_index) & ((p.target < 0) | (p.target >= V));
+      at::_assert_async(bad.any().logical_not(),
+                        "fastreg.linear_cross_entropy: a target is out of range [0, num_classes) and not ignore_index");
+    }
+  }
+  return p;
+}
+
+// Rows per chunk: the user's chunk_size, else as many rows as fit a logits budget. Few large
+// chunks beat many small ones (each chunk re-reads and re-writes grad_W).
+int64_t chunk_rows(const Problem& p, int64_t chunk_size) {
+  const int64_t n = std::max<int64_t>(p.N, 1);
+  if (chunk_size > 0) return std::min(chunk_size, n);
+  const int64_t budget = p.x.is_cpu() ? (int64_t(128) << 20) : (int64_t(1) << 30);
+  const int64_t row_bytes = p.V * static_cast<int64_t>(p.x.element_size());
+  int64_t rows = std::max<int64_t>(budget / std::max<int64_t>(row_bytes, 1), 1);
+  if (rows < n) {
+    // even chunks, so the last one is not a sliver
+    const int64_t chunks = (n + rows - 1) / rows;
+    rows = (n + chunks - 1) / chunks;
+  }
+  return std::min(rows, n);
+}
+
+void lce_rows(Tensor& logits, const Tensor& target, const Tensor& cw, const Tensor& row_scale, int64_t ignore_index,
+              double label_smoothing, double softcap, double z_loss, bool write_grad, Tensor& loss_rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastreg::_lce_rows", "")
+                       .typed<void(Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, int64_t,
+                                   double, double, double, bool, Tensor&)>();
+  op.call(logits, target, cw.defined() ? std::optional<Tensor>(cw) : std::nullopt, row_scale, ignore_index,
+          label_smoothing, softcap, z_loss, write_grad, loss_rows);
+}
+
+struct Grads {
+  Tensor input, weight, bias;  // undefined = not requested
+};
+
+// The chunk loop. row_scale: (1,) or (N,) upstream scale of each row's loss (used iff write_grad).
+// loss_rows (N,) in the accumulate dtype receives every row's loss.
+void run_chunks(const Problem& p, int64_t ignore_index, double label_smoothing, double softcap, double z_loss,
+                int64_t chunk_size, const Tensor& row_scale, bool write_grad, std::array<bool, 3> mask,
+                Tensor& loss_rows, Grads& g) {
+  const bool want_gi = write_grad && mask[0], want_gw = write_grad && mask[1],
+             want_gb = write_grad && mask[2] && p.bias.defined();
+  const auto dt = p.x.scalar_type();
+  const bool gw_direct = dt == p.acc;  // accumulate straight into grad_W when it already is fp32/fp64
+  if (want_gi) g.input = at::empty({p.N, p.D}, p.x.options());
+  if (want_gw) g.weight = at::zeros({p.V, p.D}, p.w.options().dtype(p.acc));
+  if (want_gb) g.bias = at::zeros({p.V}, p.w.options().dtype(p.acc));
+  if (p.N == 0) return;
+
+  const int64_t rows_per = chunk_rows(p, chunk_size);
+  Tensor buf = at::empty({rows_per, p.V}, p.x.options());
+  Tensor gw_tmp;  // reduced-precision partial grad_W on CPU (no mixed-dtype GEMM there)
+  const Tensor wt = p.w.t();
+  for (int64_t r0 = 0; r0 < p.N; r0 += rows_per) {
+    const int64_t rows = std::min(rows_per, p.N - r0);
+    const Tensor xc = p.x.narrow(0, r0, rows);
+    Tensor logits = buf.narrow(0, 0, rows);
+    if (p.bias.defined()) at::addmm_out(logits, p.bias, xc, wt);
+    else at::mm_out(logits, xc, wt);
+    Tensor lr = loss_rows.narrow(0, r0, rows);
+    const Tensor sc = row_scale.numel() == 1 ? row_scale : row_scale.narrow(0, r0, rows);
+    lce_rows(logits, p.target.narrow(0, r0, rows), p.cw, sc, ignore_index, label_smoothing, softcap, z_loss,
+             write_grad, lr);
+    if (!write_grad) continue;
+    if (want_gi) {
+      Tensor gi = g.input.narrow(0, r0, rows);
+      at::mm_out(gi, logits, p.w);
+    }
+    if (want_gw) {
+      if (gw_direct) {
+        g.weight.addmm_(logits.t(), xc);
+      } else if (!p.x.is_cpu()) {
+        at::addmm_out(g.weight, g.weight, logits.t(), xc, p.acc);  // cuBLAS: bf16/fp16 in, fp32 accumulate
+      } else {
+        if (!gw_tmp.defined()) gw_tmp = at::empty({p.V, p.D}, p.w.options());
+        at::mm_out(gw_tmp, logits.t(), xc);
+        g.weight.add_(gw_tmp);
+      }
+    }
+    if (want_gb) g.bias.add_(at::sum(logits, {0}, false, p.acc));
+  }
+}
+
+Tensor empty_like_none(const Tensor& ref) { return at::empty({0}, ref.options()); }
+
+void finish_grads(const Problem& p, Grads& g) {
+  if (g.weight.defined() && g.weight.scalar_type() != p.w.scalar_type()) g.weight = g.weight.to(p.w.scalar_type());
+  if (g.bias.defined() && g.bias.scalar_type() != p.bias.scalar_type()) g.bias = g.bias.to(p.bias.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
+                                                       const std::optional<Tensor>& bias,
+                                                       const std::optional<Tensor>& class_weight, int64_t reduction,
+                                                       int64_t ignore_index, double label_smoothing, double softcap,
+                                                       double z_loss, int64_t chunk_size,
+                                                       std::array<bool, 3> output_mask) {
+  static const char* fn = "fastreg.linear_cross_entropy";
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, fn,
+                    ": reduction must be 'none', 'mean' or 'sum' (0, 1, 2), got ", reduction);
+  const Problem p =
+      prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
+  const bool write_grad = reduction != kNone && (output_mask[0] || output_mask[1] || (output_mask[2] && bias));
+  const auto acc_opts = p.x.options().dtype(p.acc);
+
+  // Scale of each row's loss in the reduced loss: 1 for 'sum', 1/denominator for 'mean', where the
+  // denominator is torch's: the number of non-ignored rows, or the sum of their class weights.
+  Tensor denom, row_scale;
+  if (reduction == kMean) {
+    const Tensor active = p.target != ignore_index;
+    denom = p.cw.defined() ? (p.cw.index_select(0, p.target.clamp(0, p.V - 1)) * active).sum()
+                           : active.sum().to(p.acc);
+    row_scale = denom.reciprocal().reshape({1});
+  } else {
+    row_scale = at::ones({1}, acc_opts);
+  }
+  Tensor loss_rows = at::empty({p.N}, acc_opts);
+  Grads g;
+  run_chunks(p, ignore_index, label_smoothing, softcap, z_loss, chunk_size, row_scale, write_grad, output_mask,
+             loss_rows, g);
+  finish_grads(p, g);
+
+  Tensor loss;
+  if (reduction == kNone) loss = loss_rows;
+  else if (reduction == kSum) loss = loss_rows.sum();
+  else loss = loss_rows.sum() / denom;  // 0 / 0 = nan when every row is ignored, like torch
+  loss = loss.to(input.scalar_type());
+  return {loss, g.input.defined() ? g.input : empty_like_none(input),
+          g.weight.defined() ? g.weight : empty_like_none(weight),
+          g.bias.defined() ? g.bias : empty_like_none(weight)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
+                                                const Tensor& target, const std::optional<Tensor>& bias,
+                                                const std::optional<Tensor>& class_weight, int64_t ignore_index,
+                                                double label_smoothing, double softcap, double z_loss,
+                                                int64_t chunk_size, std::array<bool, 3> output_mask) {
+  static const char* fn = "fastreg.linear_cross_entropy_backward";
+  const Problem p =
+      prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
+  TORCH_CHECK_VALUE(grad_loss.numel() == p.N, fn, ": grad_loss has ", grad_loss.numel(), " elements, expected ", p.N);
+  const Tensor row_scale = grad_loss.reshape({p.N}).to(p.acc).contiguous();
+  Tensor loss_rows = at::empty({p.N}, p.x.options().dtype(p.acc));
+  Grads g;
+  run_chunks(p, ignore_index, label_smoothing, softcap, z_loss, chunk_size, row_scale, true, output_mask, loss_rows,
+             g);
+  finish_grads(p, g);
+  return {g.input.defined() ? g.input : empty_like_none(input),
+          g.weight.defined() ? g.weight : empty_like_none(weight),
+          g.bias.defined() ? g.bias : empty_like_none(weight)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("linear_cross_entropy", &lce_forward);
+  m.impl("linear_cross_entropy_backward", &lce_backward);
+}
+// The same driver serves CUDA tensors: its GEMMs dispatch to cuBLAS and its row pass to the
+// CUDA kernel of _lce_rows (present when fastreg is built with CUDA).
+TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
+  m.impl("linear_cross_entropy", &lce_forward);
+  m.impl("linear_cross_entropy_backward", &lce_backward);
+}
+
+}  // namespace fastreg

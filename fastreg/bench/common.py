@@ -1,0 +1,339 @@
+"""Shared machinery of the benchmarks: timing, memory, correctness metrics, provenance, CSV, tables.
+
+Nothing in here knows about a particular operator; ``lce.py`` and ``optim.py`` build on it.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join("benchmarks", "results")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+# Relative error a provider may have against the float64 reference before it is reported WRONG.
+# Errors are relative: |a - ref| / |ref| for a loss, ||a - ref||_2 / ||ref||_2 for a tensor.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+# Status values of a result row.
+OK, WRONG, ERROR, UNAVAILABLE, REFERENCE = "OK", "WRONG", "ERROR", "n/a", "floor"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(set(DTYPES))}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# provenance
+# ----------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """Short commit of the fastreg checkout, with '-dirty' when the tree has local changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(device: str) -> dict:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "fastreg_commit": git_commit(),
+        "python": platform.python_version(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    """Per-iteration wall times in milliseconds, measured after warm-up."""
+    samples: list
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """Relative spread: (p75 - p25) / median (0 with fewer than 4 samples: then max-min is used)."""
+        s = sorted(self.samples)
+        if len(s) >= 4:
+            q = statistics.quantiles(s, n=4)
+            return (q[2] - q[0]) / self.median
+        return (s[-1] - s[0]) / self.median if self.median else 0.0
+
+
+def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times, each timed on its own.
+
+    On CUDA every iteration is bracketed by synchronisations (so queued work of the previous
+    iteration is not charged to the next one) and timed with CUDA events; on the CPU with
+    ``time.perf_counter``.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(max(1, repeats)):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(samples)
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int, repeats: int = 5) -> float:
+    """Device memory bandwidth of a large ``dst.copy_(src)``: bytes read + written per second (GB/s)."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=repeats)
+    del src, dst
+    free_memory(device)
+    return 2 * n * 4 / (t.median * 1e-3) / 1e9
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness metrics
+# ----------------------------------------------------------------------------------------------
+def rel_err(value, ref) -> float:
+    """Relative error of ``value`` against ``ref`` (both tensors or numbers), computed in float64."""
+    a = torch.as_tensor(value).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(ref).detach().to("cpu", torch.float64)
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+# ----------------------------------------------------------------------------------------------
+# peak memory
+# ----------------------------------------------------------------------------------------------
+CPU_MEMORY_METHOD = (
+    "CPU peak extra memory = peak resident set size (VmHWM) minus the RSS with the inputs allocated, "
+    "after one warm-up iteration whose results were freed, in a fresh subprocess per (provider, size); "
+    "the peak is reset through /proc/self/clear_refs before the measured forward+backward, and glibc is "
+    "told to mmap every block >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so freed buffers leave the RSS. It counts "
+    "every byte the process touches (tensors, malloc'd scratch, per-thread buffers), page-granular."
+)
+CUDA_MEMORY_METHOD = (
+    "CUDA peak extra memory = torch.cuda.max_memory_allocated() during one forward+backward minus "
+    "memory_allocated() with the inputs allocated (after a warm-up iteration), from the caching allocator."
+)
+MEMORY_SCOPE = "It includes the gradients the step produces (dX, dW[, db])."
+
+
+def memory_method(device: str) -> str:
+    return (CUDA_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD) + " " + MEMORY_SCOPE
+
+
+def cuda_peak_extra_bytes(step: Callable[[], object], reset: Callable[[], None]) -> int:
+    """Peak bytes allocated above the current level while running ``step`` once (call after warm-up)."""
+    reset()
+    free_memory("cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    reset()
+    return int(peak)
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def rss_peak_extra_bytes(step: Callable[[], object], reset: Callable[[], None]) -> dict:
+    """In-process part of the CPU method (runs in the child): warm-up, free, baseline, reset, measure."""
+    step()  # warm-up: lazy initialisation, compilation, thread pools
+    reset()
+    gc.collect()
+    base = _proc_status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    step()
+    peak = _proc_status_kib("VmHWM")
+    return {"peak_extra_bytes": max(0, peak - base) * 1024, "hwm_reset": hwm_reset,
+            "baseline_rss_bytes": base * 1024}
+
+
+CHILD_MARK = "FASTREG_BENCH_CHILD "
+
+
+def run_memory_child(spec: dict, timeout: float = 900) -> dict:
+    """Measure the CPU peak memory of one (provider, size) in a fresh interpreter (see ``_memchild``)."""
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    cmd = [sys.executable, "-m", "fastreg.bench._memchild", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(CHILD_MARK):
+            return json.loads(line[len(CHILD_MARK):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"memory child failed (rc={proc.returncode}): {' | '.join(tail)}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# output: CSV, tables, progress
+# ----------------------------------------------------------------------------------------------
+def append_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Append ``rows`` to ``path``; a file whose header differs is moved aside, never mixed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != list(columns):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            os.replace(path, path[:-4] + f".old-{stamp}.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: fmt_csv(r.get(k)) for k in columns})
+
+
+def fmt_csv(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def fmt(v, spec: str = ".3g", missing: str = "-") -> str:
+    if v is None or v == "":
+        return missing
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def render_table(rows: Sequence[dict], columns: Sequence[tuple], markdown: bool = False) -> str:
+    """``columns``: (header, key or callable(row) -> str)."""
+    cells = [[h for h, _ in columns]]
+    for r in rows:
+        cells.append([str(k(r)) if callable(k) else fmt(r.get(k)) for _, k in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    if markdown:
+        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+                 "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells[1:]]
+    else:
+        lines = ["  ".join(c.rjust(w) for c, w in zip(cells[0], widths)),
+                 "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells[1:]]
+    return "\n".join(lines)
+
+
+def progress(items: Iterable, total: int, desc: str, enabled: bool = True):
+    """A tqdm bar on stderr when tqdm is installed, else the plain iterable."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return items
+    return tqdm(items, total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def human_bytes(n) -> str:
+    if n is None or n == "":
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def describe_exception(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg[:120]}"
