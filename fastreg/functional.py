@@ -148,6 +148,10 @@ def linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size <= 0):
         raise ValueError(f"fastreg.linear_cross_entropy: chunk_size must be a positive number of rows or None, "
                          f"got {chunk_size}")
+    devices = {t.device for t in (input, linear_weight, target, linear_bias, weight) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"fastreg.linear_cross_entropy: all tensors must be on one device, got "
+                         f"{sorted(str(d) for d in devices)}")
     if ignore_index is None:  # torch's F.linear_cross_entropy maps None to -100
         ignore_index = -100
     grad = torch.is_grad_enabled()

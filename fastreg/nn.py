@@ -68,8 +68,9 @@ class MultinomialLogisticRegression(nn.Module):
         self.in_features = in_features
         self.num_classes = num_classes
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_classes, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 

@@ -250,6 +250,9 @@ def run_memory_child(spec: dict, timeout: float = 900) -> dict:
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    # the child must import the same fastreg as this process, wherever it was started from
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + [p for p in [env.get("PYTHONPATH")] if p])
     cmd = [sys.executable, "-m", "fastreg.bench._memchild", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):

@@ -1,0 +1,296 @@
+"""Benchmark of one whole ``optimizer.step()``: fastreg.optim against torch.optim's three paths.
+
+torch.optim runs an optimizer as a Python for-loop over tensors (``foreach=False``), as
+multi-tensor "foreach" kernels, or as one fused kernel per device/dtype (``fused=True``).
+Each provider is checked first: K steps on the benchmark's own parameters must match torch's
+for-loop optimizer run in float64 on the same starting values and gradients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import common as C
+
+CHECK_STEPS = 3
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    torch_cls: type
+    hyper: dict
+    bytes_per_param: int  # element reads + writes per parameter per step, in units of the dtype size
+    doc: str
+
+
+OPTIMIZERS = {
+    # Adam with (coupled, L2) weight decay is the headline configuration.
+    "adam": OptimSpec(torch.optim.Adam, {"lr": 1e-3, "weight_decay": 1e-2}, 7,
+                      "Adam, weight_decay=0.01: reads p, g, m, v; writes p, m, v"),
+    "adamw": OptimSpec(torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 1e-2}, 7,
+                       "AdamW, weight_decay=0.01: reads p, g, m, v; writes p, m, v"),
+    "sgd": OptimSpec(torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}, 5,
+                     "SGD, momentum=0.9: reads p, g, buf; writes p, buf"),
+}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str
+    n_tensors: int
+    numel: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def params(self) -> int:
+        return self.n_tensors * self.numel
+
+    @property
+    def bytes_moved(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return OPTIMIZERS[self.optimizer].bytes_per_param * itemsize * self.params
+
+
+@dataclass
+class Provider:
+    name: str
+    doc: str
+    build: Callable[[str, list], torch.optim.Optimizer]
+    unavailable: Callable[[str], Optional[str]] = lambda device: None
+    default: bool = True
+
+
+def _fastreg_missing(device):
+    try:
+        import fastreg.optim as fo
+        for spec in OPTIMIZERS.values():
+            getattr(fo, spec.torch_cls.__name__)
+    except Exception as e:
+        return "fastreg.optim not importable: " + C.describe_exception(e)
+    return None
+
+
+def _build_fastreg(opt, params):
+    import fastreg.optim as fo
+    spec = OPTIMIZERS[opt]
+    return getattr(fo, spec.torch_cls.__name__)(params, **spec.hyper)
+
+
+def _torch(**flags):
+    def build(opt, params):
+        spec = OPTIMIZERS[opt]
+        return spec.torch_cls(params, **spec.hyper, **flags)
+    return build
+
+
+def _build_wrong(opt, params):
+    """Self-test canary: torch's for-loop optimizer with a 5% learning-rate error."""
+    spec = OPTIMIZERS[opt]
+    return spec.torch_cls(params, **{**spec.hyper, "lr": spec.hyper["lr"] * 1.05}, foreach=False)
+
+
+PROVIDERS = {p.name: p for p in [
+    Provider("fastreg", "fastreg.optim (one fused kernel call per dtype group)", _build_fastreg, _fastreg_missing),
+    Provider("forloop", "torch.optim, foreach=False", _torch(foreach=False)),
+    Provider("foreach", "torch.optim, foreach=True", _torch(foreach=True)),
+    Provider("fused", "torch.optim, fused=True", _torch(fused=True)),
+    Provider("wrong", "self-test canary: torch for-loop with lr off by 5% (must be flagged WRONG)", _build_wrong,
+             default=False),
+]}
+TORCH_PROVIDERS = ("forloop", "foreach", "fused")
+
+
+def default_providers() -> list:
+    return [n for n, p in PROVIDERS.items() if p.default]
+
+
+def make_params(cfg: OptimConfig, device: str, seed: int = 0) -> list:
+    """``n_tensors`` separately allocated parameters (as in a model), each with its own gradient."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for _ in range(cfg.n_tensors):
+        p = torch.randn(cfg.numel, device=device, generator=g).to(cfg.dtype)
+        p.grad = torch.randn(cfg.numel, device=device, generator=g).to(cfg.dtype)
+        params.append(p)
+    return params
+
+
+def check(opt: torch.optim.Optimizer, params: list, cfg: OptimConfig) -> dict:
+    """CHECK_STEPS steps of ``opt`` vs torch's for-loop optimizer in float64 from the same start.
+
+    Compares the parameter updates (p_K - p_0), not the parameters, so the error is relative to
+    what the optimizer changed. The reference runs on groups of tensors (<= 2**26 elements each)
+    so that a float64 copy of a huge model is never needed at once.
+    """
+    spec = OPTIMIZERS[cfg.optimizer]
+    start = [p.detach().clone() for p in params]
+    for _ in range(CHECK_STEPS):
+        opt.step()
+    num = den = 0.0
+    i = 0
+    while i < len(params):
+        j, n = i, 0
+        while j < len(params) and (n == 0 or n + params[j].numel() <= 1 << 26):
+            n += params[j].numel()
+            j += 1
+        ref = [s.double() for s in start[i:j]]
+        for r, p in zip(ref, params[i:j]):
+            r.grad = p.grad.double()
+        ref_opt = spec.torch_cls(ref, **spec.hyper, foreach=False)
+        for _ in range(CHECK_STEPS):
+            ref_opt.step()
+        for r, s, p in zip(ref, start[i:j], params[i:j]):
+            d_ref = r - s.double()
+            d = p.detach().double() - s.double()
+            num += (d - d_ref).pow(2).sum().item()
+            den += d_ref.pow(2).sum().item()
+        del ref, ref_opt
+        i = j
+    err = math.sqrt(num / den) if den > 0 else math.sqrt(num)
+    if not math.isfinite(err):
+        err = math.inf
+    tol = 1e-3 if cfg.dtype in (torch.float32, torch.float64) else 3e-2
+    ok = err <= tol
+    return {"err_update": err, "tol": tol, "status": C.OK if ok else C.WRONG,
+            "note": "" if ok else f"update err {err:.2g} > {tol:g}"}
+
+
+def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats: int, copy_gbs: float,
+               tick: Callable[[], None] = lambda: None) -> list:
+    base = {"optimizer": cfg.optimizer, "n_tensors": cfg.n_tensors, "numel": cfg.numel, "params": cfg.params,
+            "dtype": C.dtype_name(cfg.dtype), "device": device, "bytes_per_step": cfg.bytes_moved,
+            "copy_gbs": copy_gbs}
+    rows = []
+    for name in names:
+        row = {**base, "provider": name}
+        rows.append(row)
+        params = opt = None
+        try:
+            prov = PROVIDERS[name]
+            reason = prov.unavailable(device)
+            if reason:
+                row.update(status=C.UNAVAILABLE, note=reason)
+                continue
+            params = make_params(cfg, device)
+            opt = prov.build(cfg.optimizer, params)
+            row.update(check(opt, params, cfg))
+            if row["status"] != C.OK:
+                continue
+            t = C.time_fn(opt.step, device, warmup, repeats)
+            row.update(median_ms=t.median, min_ms=t.min, max_ms=t.max, spread=t.spread, repeats=len(t.samples),
+                       gbs=cfg.bytes_moved / (t.median * 1e-3) / 1e9)
+            if copy_gbs:
+                row["frac_copy_bw"] = row["gbs"] / copy_gbs
+        except Exception as e:
+            row.update(status=C.ERROR, note=C.describe_exception(e))
+        finally:
+            del params, opt
+            C.free_memory(device)
+            tick()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list) -> None:
+    by = {r["provider"]: r.get("median_ms") for r in rows}
+    torch_ms = [by[n] for n in TORCH_PROVIDERS if by.get(n)]
+    best = min(torch_ms) if torch_ms else None
+    for r in rows:
+        ms = r.get("median_ms")
+        if not ms:
+            continue
+        if best:
+            r["speedup_vs_best_torch"] = best / ms
+        for n in ("forloop", "fused"):
+            if by.get(n):
+                r[f"speedup_vs_{n}"] = by[n] / ms
+
+
+def default_sweeps(device: str, quick: bool) -> dict:
+    """{sweep: [(n_tensors, numel), ...]}: total size at 100 tensors, and tensor count at fixed total."""
+    if quick:
+        return {"params": [(4, 1000), (4, 20000)], "tensors": [(4, 20000), (400, 200)]}
+    if device == "cuda":
+        return {"params": [(100, n) for n in (10_000, 100_000, 1_000_000, 10_000_000)],
+                "tensors": [(t, 5_000_000 // t) for t in (10, 100, 1000, 5000, 20000)]}
+    return {"params": [(100, n) for n in (1000, 10_000, 100_000, 400_000)],
+            "tensors": [(t, 5_000_000 // t) for t in (10, 100, 1000, 5000)]}
+
+
+def copy_bytes(device: str, quick: bool) -> int:
+    if quick:
+        return 16 << 20
+    return (1 << 30) if device == "cuda" else (256 << 20)
+
+
+CSV_COLUMNS = [
+    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python",
+    "sweep", "optimizer", "n_tensors", "numel", "params", "dtype", "provider", "status", "note",
+    "median_ms", "min_ms", "max_ms", "spread", "repeats", "bytes_per_step", "gbs", "copy_gbs", "frac_copy_bw",
+    "speedup_vs_best_torch", "speedup_vs_forloop", "speedup_vs_fused", "err_update", "tol",
+]
+
+TABLE_COLUMNS = [
+    ("opt", "optimizer"),
+    ("tensors x numel", lambda r: f"{r['n_tensors']}x{r['numel']}"),
+    ("provider", "provider"),
+    ("status", "status"),
+    ("median ms", lambda r: C.fmt(r.get("median_ms"), ".3f")),
+    ("spread", lambda r: C.fmt(r["spread"] * 100, ".0f") + "%" if r.get("spread") is not None else "-"),
+    ("GB/s", lambda r: C.fmt(r.get("gbs"), ".1f")),
+    ("of copy", lambda r: C.fmt(r["frac_copy_bw"] * 100, ".0f") + "%" if r.get("frac_copy_bw") else "-"),
+    ("vs best torch", lambda r: C.fmt(r.get("speedup_vs_best_torch"), ".2f") + "x"
+     if r.get("speedup_vs_best_torch") else "-"),
+    ("update err", lambda r: C.fmt(r.get("err_update"), ".1e")),
+    ("note", lambda r: (r.get("note") or "")[:60]),
+]
+
+
+def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
+    """The optimizer part of ``python -m fastreg.bench``."""
+    from . import plots
+
+    dtype = C.parse_dtype(args.optim_dtype)
+    if args.optim_sizes:
+        sweeps = {"custom": args.optim_sizes}
+    else:
+        all_sweeps = default_sweeps(args.device, args.quick)
+        sweeps = {k: v for k, v in all_sweeps.items() if not args.sweep or k in args.sweep}
+    sizes: dict = {}
+    for sweep, shapes in sweeps.items():
+        for shape in shapes:
+            sizes.setdefault(tuple(shape), []).append(sweep)
+    names = args.optim_providers
+    copy_gbs = C.copy_bandwidth_gbs(args.device, copy_bytes(args.device, args.quick))
+    total = len(args.optimizers) * len(sizes) * len(names)
+    it = iter(C.progress(range(total), total, "optim", show_progress))
+    rows = []
+    for opt in args.optimizers:
+        for (n_tensors, numel), tags in sizes.items():
+            cfg = OptimConfig(opt, n_tensors, numel, dtype)
+            for r in bench_size(cfg, args.device, names, args.warmup, args.repeats, copy_gbs,
+                                tick=lambda: next(it, None)):
+                r.update(prov, sweep=",".join(tags))
+                rows.append(r)
+    C.append_csv(f"{out_dir}/optim.csv", rows, CSV_COLUMNS)
+    print(f"\n== optimizer.step(), {C.dtype_name(dtype)} params, {prov['device_name']}; "
+          f"copy bandwidth {copy_gbs:.1f} GB/s ==")
+    print(C.render_table(rows, TABLE_COLUMNS))
+    print("GB/s counts " + "; ".join(f"{k}: {s.bytes_per_param} x dtype size per param ({s.doc})"
+                                      for k, s in OPTIMIZERS.items()))
+    if args.plots:
+        for sweep, x_key, x_label in (("params", "params", "parameters (100 tensors)"),
+                                      ("tensors", "n_tensors", "tensor count (fixed total size)")):
+            if sweep not in sweeps:
+                continue
+            for opt in args.optimizers:
+                sub = [r for r in rows if r["optimizer"] == opt and sweep in r["sweep"].split(",")]
+                path = f"{out_dir}/optim-{opt}-{sweep}-{args.device}-{C.dtype_name(dtype)}.png"
+                plots.plot_sweep(sub, x_key, f"{opt}.step() vs {x_label} ({C.dtype_name(dtype)}, {args.device})",
+                                 path, [("median_ms", "time per step (ms)", 1.0), ("gbs", "GB/s", 1.0)],
+                                 x_label=x_label)
+                print(f"plot: {path}")
+    return rows
