@@ -8,7 +8,7 @@
 // ------
 // A row of V logits is handled by a group of K CTAs (K = 1, or a thread-block cluster of 2/4/8
 // CTAs on sm_90), each owning a contiguous slice of the row's 16-byte vectors. Per row:
-//   pass 1  every thread streams its vectors with 128-bit loads (4 in flight per thread), applies
+//   pass 1  every thread streams its vectors with 128-bit loads (kUnroll = 2 in flight), applies
 //           the softcap, and keeps an online (max, sum-exp) pair, plus sum_c w_c z_c and
 //           W = sum_c w_c when label smoothing is on. In "cached" mode the raw vectors are also
 //           kept in dynamic shared memory (the CTA's slice of the row), so the row is read from
@@ -21,6 +21,13 @@
 //           softcap derivative, written in place in the logits dtype with 128-bit stores; the raw
 //           logits come from shared memory (cached mode) or are re-read from global memory/L2
 //           (streaming mode, used when the row slice does not fit in shared memory).
+// Launch (launch_rows): grid = rows * K CTAs of 128/256/512 threads (by slice length), at most 64
+// registers per thread (2 x 512 threads per SM). Cached mode picks the smallest K in {1,2,4,8}
+// whose slice fits 96 KiB of shared memory (2 CTAs per SM), else the opt-in maximum; rows that do
+// not fit even then (or sm_80 rows over ~160 KiB) stream. With few rows (rows * K < 2 * SMs), K
+// grows further while each CTA keeps >= 512 vectors. A cluster that cannot be placed
+// (cudaOccupancyMaxActiveClusters == 0) falls back to one CTA per row. FASTREG_LCE_ROWS_MODE
+// (stream | nocluster | single) forces a strategy, for tests and benchmarks.
 // Rows need not be 16-byte aligned (odd V): each row has a scalar head up to the first 16-byte
 // boundary and a scalar tail; the vector body in between is split among the K CTAs.
 // The target logit z_t is read by every thread before the first barrier, i.e. before any thread
@@ -131,7 +138,7 @@ struct RowArgs {
   const void* target;   // (rows,) int64 or int32
   const void* weight;   // (V,) float32/float64 or nullptr
   const void* scale;    // numel 1 or rows, float32/float64
-  float* loss;          // (rows,)
+  void* loss;           // (rows,) float32, or float64 (the accumulate dtype of float64 logits)
   int64_t rows;
   int64_t V;
   int64_t ignore_index;
@@ -143,8 +150,18 @@ struct RowArgs {
   bool target_i32;
   bool weight_f64;
   bool scale_f64;
+  bool loss_f64;
   bool write_grad;
 };
+
+template <typename A>
+__device__ __forceinline__ void store_loss(const RowArgs& a, int64_t r, A v) {
+  if (a.loss_f64) {
+    static_cast<double*>(a.loss)[r] = static_cast<double>(v);
+  } else {
+    static_cast<float*>(a.loss)[r] = static_cast<float>(v);
+  }
+}
 
 template <typename A>
 __device__ __forceinline__ A load_real(const void* p, bool f64, int64_t i) {
@@ -286,7 +303,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     const bool active = fastreg::lce_target_active(t, args.ignore_index, V);
 
     if (!active) {  // uniform over the whole row group: no barrier is skipped by part of it
-      if (first && tid == 0) args.loss[r] = 0.f;
+      if (first && tid == 0) store_loss(args, r, A(0));
       if (args.write_grad) {
         Pack<T> zero;
 #pragma unroll
@@ -384,7 +401,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     if (first && tid == 0) {
       const A loss = need_sum ? fastreg::lce_row_loss<A>(lse, z_t, w_t, tot.swz, w_sum, eps, V, zl)
                               : fastreg::lce_row_loss<A>(lse, z_t, w_t, A(0), A(0), A(0), V, zl);
-      args.loss[r] = static_cast<float>(loss);
+      store_loss(args, r, loss);
     }
     if (!args.write_grad) return;
 
@@ -610,8 +627,9 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
   const ScalarType tt = target.scalar_type();
   STD_TORCH_CHECK(tt == ScalarType::Long || tt == ScalarType::Int, "fastreg::_lce_rows: target must be int64 or int32");
   STD_TORCH_CHECK(same_device(loss_rows) && loss_rows.numel() == rows && loss_rows.is_contiguous() &&
-                      loss_rows.scalar_type() == ScalarType::Float,
-                  "fastreg::_lce_rows: loss_rows must be a contiguous float32 (rows,) tensor on the logits' device");
+                      is_real(loss_rows.scalar_type()),
+                  "fastreg::_lce_rows: loss_rows must be a contiguous float32/float64 (rows,) tensor on the logits' "
+                  "device");
   STD_TORCH_CHECK(same_device(row_scale) && is_real(row_scale.scalar_type()) &&
                       (row_scale.numel() == 1 || (row_scale.numel() == rows && row_scale.is_contiguous())),
                   "fastreg::_lce_rows: row_scale must be a float32/float64 tensor with 1 or rows elements on the "
@@ -627,14 +645,15 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
     w64 = w.scalar_type() == ScalarType::Double;
   }
   if (rows == 0) return;
-  STD_TORCH_CHECK(rows <= (int64_t{1} << 28), "fastreg::_lce_rows: too many rows in one chunk (", rows, ")");
+  // grid = rows * K CTAs with K <= 8 must stay below 2^31 - 1 (the driver's chunks are far smaller)
+  STD_TORCH_CHECK(rows < (int64_t{1} << 28), "fastreg::_lce_rows: too many rows in one chunk (", rows, ")");
 
   RowArgs a{};
   a.logits = logits.mutable_data_ptr();
   a.target = target.const_data_ptr();
   a.weight = wptr;
   a.scale = row_scale.const_data_ptr();
-  a.loss = static_cast<float*>(loss_rows.mutable_data_ptr());
+  a.loss = loss_rows.mutable_data_ptr();
   a.rows = rows;
   a.V = V;
   a.ignore_index = ignore_index;
@@ -646,6 +665,7 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
   a.target_i32 = tt == ScalarType::Int;
   a.weight_f64 = w64;
   a.scale_f64 = row_scale.scalar_type() == ScalarType::Double;
+  a.loss_f64 = loss_rows.scalar_type() == ScalarType::Double;
   a.write_grad = write_grad;
 
   torch::stable::accelerator::DeviceGuard guard(dev);
