@@ -312,3 +312,14 @@ def test_logits_never_materialised():
     eager = peak_extra_bytes("eager")
     assert eager > logits_bytes, "the probe must be able to see an N x V allocation"
     assert ours < logits_bytes / 8, f"fastreg peak extra {ours / 2**20:.0f} MiB"
+
+
+def test_second_backward_is_refused_not_wrong():
+    """Scalar reductions consume the forward's gradients in the first backward: a second backward
+    through the same graph must raise, never return silently scaled gradients."""
+    case = make(6, 3, 7, dtype=torch.float32)
+    x = case["input"].requires_grad_()
+    loss = fastreg.linear_cross_entropy(x, case["linear_weight"], case["target"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
