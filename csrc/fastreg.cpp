@@ -43,4 +43,21 @@ TORCH_LIBRARY(fastreg, m) {
 
   // ---- fused optimizers (csrc/optim) ----------------------------------------------------------
   // FASTREG-OPTIM-SCHEMAS (owned by the optimizer kernels; keep them below this line)
+  // One call updates every tensor of one (device, dtype) group; all lists are parallel to params.
+  // lr_tensor (one element, on the params' device), when given, replaces lr. grad_scale: the
+  // gradients are divided by it inside the kernel. found_inf: when nonzero nothing changes at all
+  // (params, state, step counters, momentum flags). Both are read on the device (no host sync).
+  // SGD: momentum_buffers and momentum_started (one-element uint8/bool flags: 0 until the buffer
+  // holds a value, torch's `buf is None`) are empty when momentum == 0.
+  m.def(
+      "_fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] momentum_started, float lr, Tensor? lr_tensor, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // Adam, and AdamW with decoupled_weight_decay. state_steps: one-element float32 counters (float64
+  // accepted on CPU), incremented by the kernel. max_exp_avg_sqs is empty unless amsgrad.
+  m.def(
+      "_fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", action="store_true", help="give the linear layer a bias")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed iterations (default 5 cpu, 20 cuda, 3 quick)")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="stop a provider's timed loop early once its samples exceed this many seconds (>= 3 "
+                        "samples kept); default 10 for sweeps (2 with --quick), none for --bars")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1 cpu, 3 cuda)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke test of the whole suite")
     p.add_argument("--out", default=C.DEFAULT_OUT, help="results directory (default benchmarks/results)")
@@ -75,6 +78,8 @@ def resolve(args, parser) -> None:
         args.warmup = 1 if (args.quick or args.device == "cpu") else 3
     if args.repeats is None:
         args.repeats = 3 if args.quick else (20 if args.device == "cuda" else 5)
+    if args.max_time is None and not args.bars:
+        args.max_time = 2.0 if args.quick else 10.0
     unknown = [o for o in args.optimizers if o not in optim.OPTIMIZERS]
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {list(optim.OPTIMIZERS)}")
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
     prov = C.provenance(args.device)
     print(f"fastreg bench on {prov['device_name']} | torch {prov['torch']} | fastreg {prov['fastreg_commit']} "
           f"| {prov['date']}")
+    if prov["loadavg"] and prov["loadavg"] > 0.5:
+        print(f"warning: load average {prov['loadavg']} — other work is running; timings will be noisy")
     if args.bars:
         from . import bars
         ok = bars.run(args, prov, args.out, args.progress)

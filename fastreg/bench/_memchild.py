@@ -15,7 +15,7 @@ def main(argv) -> int:
     if spec.get("op") != "lce":
         raise SystemExit(f"unknown op in {spec}")
     from .lce import child_memory
-    print(C.CHILD_MARK + json.dumps(child_memory(spec)), flush=True)
+    C.report_to_parent(child_memory(spec))
     return 0
 
 

@@ -95,8 +95,8 @@ def _optim_bars(crit: Criteria, rows: list, cfg: optim.OptimConfig, device: str)
 
 CRIT_COLUMNS = [("bar", "bar"), ("metric", "metric"), ("value", lambda r: C.fmt(r.get("value"), ".3f")),
                 ("target", "target"), ("result", "result"), ("note", lambda r: (r.get("note") or "")[:50])]
-CSV_COLUMNS = ["date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python", "bar", "metric",
-               "value", "target", "result", "note"]
+CSV_COLUMNS = ["date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python", "loadavg", "bar",
+               "metric", "value", "target", "result", "note"]
 
 
 def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
@@ -107,11 +107,11 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
         ["fastreg", "eager", "liger", "cce", "native", lce.FLOOR]
     optim_cfgs = CPU_OPTIM if device == "cpu" else CUDA_OPTIM
     optim_names = ["fastreg", "forloop", "foreach", "fused"]
-    total = len(lce_names) + len(optim_cfgs) * len(optim_names)
-    it = iter(C.progress(range(total), total, "bars", show_progress))
-    tick = lambda: next(it, None)  # noqa: E731
+    bar = C.Progress(len(lce_names) + len(optim_cfgs) * len(optim_names), "bars", show_progress)
+    tick = bar.tick
 
-    lce_rows = lce.bench_size(lce_cfg, device, lce_names, args.warmup, args.repeats, memory=True, tick=tick)
+    lce_rows = lce.bench_size(lce_cfg, device, lce_names, args.warmup, args.repeats, memory=True, tick=tick,
+                              max_time=args.max_time)
     for r in lce_rows:
         r.update(prov, sweep="bars")
     _lce_bars(crit, lce_rows, device)
@@ -119,12 +119,14 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
     copy_gbs = C.copy_bandwidth_gbs(device, optim.copy_bytes(device, quick=False))
     optim_rows = []
     for cfg in optim_cfgs:
-        rows = optim.bench_size(cfg, device, optim_names, args.warmup, args.repeats, copy_gbs, tick=tick)
+        rows = optim.bench_size(cfg, device, optim_names, args.warmup, args.repeats, copy_gbs, tick=tick,
+                                max_time=args.max_time)
         for r in rows:
             r.update(prov, sweep="bars")
         _optim_bars(crit, rows, cfg, device)
         optim_rows += rows
 
+    bar.close()
     C.append_csv(f"{out_dir}/lce.csv", lce_rows, lce.CSV_COLUMNS)
     C.append_csv(f"{out_dir}/optim.csv", optim_rows, optim.CSV_COLUMNS)
     C.append_csv(f"{out_dir}/bars-{device}.csv", [{**prov, **r} for r in crit.rows], CSV_COLUMNS)
@@ -139,6 +141,7 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
         f"- device: {prov['device_name']}",
         f"- torch {prov['torch']}" + (f", CUDA {prov['cuda']}" if prov["cuda"] else "") + f", Python {prov['python']}",
         f"- fastreg commit: {prov['fastreg_commit']}",
+        f"- load average at start: {prov['loadavg']} (timings are meaningful only on a quiet machine)",
         f"- timing: median of {args.repeats} iterations after {args.warmup} warm-up; forward+backward for the loss,"
         " one whole `opt.step()` for the optimizers",
         f"- memory: {C.memory_method(device)}",

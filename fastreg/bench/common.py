@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -86,6 +86,8 @@ def provenance(device: str) -> dict:
         "cuda": torch.version.cuda or "",
         "fastreg_commit": git_commit(),
         "python": platform.python_version(),
+        # 1-minute load average when the run started: timings are only meaningful near 0
+        "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
     }
 
 
@@ -124,8 +126,13 @@ class Timing:
         return (s[-1] - s[0]) / self.median if self.median else 0.0
 
 
-def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> Timing:
+def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int,
+            max_time: Optional[float] = None) -> Timing:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times, each timed on its own.
+
+    With ``max_time`` (seconds), stop early once the timed samples add up to more than that and
+    there are at least 3 of them, or right after a first sample that alone took longer (slow
+    providers on a small CPU would otherwise dominate a sweep).
 
     On CUDA every iteration is bracketed by synchronisations (so queued work of the previous
     iteration is not charged to the next one) and timed with CUDA events; on the CPU with
@@ -147,6 +154,9 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int) ->
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
+        if max_time is not None and sum(samples) > max_time * 1e3 and (len(samples) >= 3 or
+                                                                      samples[0] > max_time * 1e3):
+            break
     return Timing(samples)
 
 
@@ -156,7 +166,7 @@ def copy_bandwidth_gbs(device: str, nbytes: int, repeats: int = 5) -> float:
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=repeats)
-    del src, dst
+    src = dst = None  # noqa: F841  (release the buffers before emptying the CUDA cache)
     free_memory(device)
     return 2 * n * 4 / (t.median * 1e-3) / 1e9
 
@@ -245,21 +255,31 @@ def rss_peak_extra_bytes(step: Callable[[], object], reset: Callable[[], None]) 
 CHILD_MARK = "FASTREG_BENCH_CHILD "
 
 
-def run_memory_child(spec: dict, timeout: float = 900) -> dict:
-    """Measure the CPU peak memory of one (provider, size) in a fresh interpreter (see ``_memchild``)."""
+def run_child(argv: Sequence[str], timeout: float = 900) -> dict:
+    """Run ``python *argv`` in a fresh interpreter set up for the CPU memory method and return the
+    dict it passed to :func:`report_to_parent` (or ``{"error": ...}``)."""
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["MALLOC_TRIM_THRESHOLD_"] = "65536"
     # the child must import the same fastreg as this process, wherever it was started from
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "fastreg.bench._memchild", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(CHILD_MARK):
             return json.loads(line[len(CHILD_MARK):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"memory child failed (rc={proc.returncode}): {' | '.join(tail)}"}
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return {"error": f"measurement child failed (rc={proc.returncode}): {lines[-1] if lines else 'no output'}"}
+
+
+def report_to_parent(result: dict) -> None:
+    """The child's side of :func:`run_child`."""
+    print(CHILD_MARK + json.dumps(result), flush=True)
+
+
+def run_memory_child(spec: dict, timeout: float = 900) -> dict:
+    """Measure the CPU peak memory of one (provider, size) in a fresh interpreter (see ``_memchild``)."""
+    return run_child(["-m", "fastreg.bench._memchild", json.dumps(spec)], timeout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,14 +336,25 @@ def render_table(rows: Sequence[dict], columns: Sequence[tuple], markdown: bool 
     return "\n".join(lines)
 
 
-def progress(items: Iterable, total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on stderr when tqdm is installed, else the plain iterable."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return items
-    return tqdm(items, total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr,
-                dynamic_ncols=True)
+class Progress:
+    """A tqdm bar on stderr (when tqdm is installed and ``enabled``): ``tick()`` per finished task."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+            except ImportError:  # pragma: no cover
+                pass
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def human_bytes(n) -> str:

@@ -251,6 +251,7 @@ def check(fn: LossFn, inp: Inputs, ref: dict, cfg: LCEConfig) -> dict:
         warnings.simplefilter("always")
         loss = fn(inp.x, inp.W, inp.t, inp.b)
         loss.backward()
+    C.synchronize(inp.x.device.type)
     first = time.perf_counter() - t0
     tol = C.TOLERANCE[cfg.dtype]
     errs = {"err_loss": C.rel_err(loss.detach(), ref["loss"]),
@@ -266,7 +267,7 @@ def check(fn: LossFn, inp: Inputs, ref: dict, cfg: LCEConfig) -> dict:
 
 
 def bench_size(cfg: LCEConfig, device: str, names: list, warmup: int, repeats: int, memory: bool,
-               tick: Callable[[], None] = lambda: None) -> list:
+               tick: Callable[[], None] = lambda: None, max_time: Optional[float] = None) -> list:
     """All providers at one size -> result rows (dicts; the caller adds provenance)."""
     base = {**cfg.spec(), "device": device, "flops": cfg.flops}
     rows = []
@@ -279,7 +280,7 @@ def bench_size(cfg: LCEConfig, device: str, names: list, warmup: int, repeats: i
             if name == FLOOR:
                 row["status"] = C.REFERENCE
                 step = floor_step(cfg, device)
-                _timed(row, step, device, warmup, repeats, cfg)
+                _timed(row, step, device, warmup, repeats, cfg, max_time)
                 del step
                 continue
             prov = PROVIDERS[name]
@@ -292,7 +293,7 @@ def bench_size(cfg: LCEConfig, device: str, names: list, warmup: int, repeats: i
             if row["status"] != C.OK:
                 continue  # a provider that disagrees with the reference is not timed
             step = make_step(fn, inp)
-            _timed(row, step, device, warmup, repeats, cfg)
+            _timed(row, step, device, warmup, repeats, cfg, max_time)
             if memory:
                 _memory(row, step, inp, cfg, device)
             del step, fn
@@ -306,8 +307,10 @@ def bench_size(cfg: LCEConfig, device: str, names: list, warmup: int, repeats: i
     return rows
 
 
-def _timed(row, step, device, warmup, repeats, cfg):
-    t = C.time_fn(step, device, warmup, repeats)
+def _timed(row, step, device, warmup, repeats, cfg, max_time):
+    if max_time is not None and row.get("first_call_s", 0) > max_time:
+        warmup = 0  # a provider this slow is past any warm-up effect after its correctness run
+    t = C.time_fn(step, device, warmup, repeats, max_time)
     row.update(median_ms=t.median, min_ms=t.min, max_ms=t.max, spread=t.spread, repeats=len(t.samples),
                tflops=cfg.flops / (t.median * 1e-3) / 1e12)
 
@@ -319,7 +322,7 @@ def _memory(row, step, inp, cfg, device):
         return
     res = C.run_memory_child({"op": "lce", "provider": row["provider"], "device": device, **cfg.spec()})
     if "error" in res:
-        row["note"] = (row.get("note") or "") + res["error"]
+        row["note"] = "; ".join(n for n in (row.get("note"), res["error"]) if n)
         return
     row["peak_extra_bytes"] = res["peak_extra_bytes"]
     row["memory_method"] = "rss-hwm-subprocess" + ("" if res.get("hwm_reset") else "(no-hwm-reset)")
@@ -360,12 +363,12 @@ def default_sweeps(device: str, quick: bool) -> dict:
     if device == "cuda":
         return {"V": [(8192, 4096, v) for v in (8192, 32768, 65536, 128256, 262144)],
                 "N": [(n, 4096, 128256) for n in (1024, 4096, 8192, 16384)]}
-    return {"V": [(256, 256, v) for v in (8192, 32768, 131072, 262144)],
-            "N": [(n, 256, 32768) for n in (64, 256, 1024)]}
+    return {"V": [(256, 256, v) for v in (8192, 32768, 131072)],
+            "N": [(n, 256, 8192) for n in (64, 256, 1024)]}
 
 
 CSV_COLUMNS = [
-    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python",
+    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python", "loadavg",
     "sweep", "N", "D", "V", "dtype", "reduction", "bias", "provider", "status", "note",
     "median_ms", "min_ms", "max_ms", "spread", "repeats", "tflops", "x_floor", "speedup_vs_eager",
     "peak_extra_bytes", "mem_vs_eager", "memory_method", "err_loss", "err_dx", "err_dw", "err_db", "tol",
@@ -406,17 +409,17 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
         for shape in shapes:
             sizes.setdefault(tuple(shape), []).append(sweep)
     names = args.lce_providers
-    bar = C.progress(range(len(sizes) * len(names)), len(sizes) * len(names), "lce", show_progress)
-    it = iter(bar)
+    if not sizes:
+        return []
+    bar = C.Progress(len(sizes) * len(names), "lce", show_progress)
     rows = []
     for (N, D, V), tags in sizes.items():
         cfg = LCEConfig(N, D, V, dtype, args.reduction, args.bias)
         for r in bench_size(cfg, args.device, names, args.warmup, args.repeats, args.memory,
-                            tick=lambda: next(it, None)):
+                            tick=bar.tick, max_time=args.max_time):
             r.update(prov, sweep=",".join(tags))
             rows.append(r)
-    if hasattr(bar, "close"):
-        bar.close()
+    bar.close()
     C.append_csv(f"{out_dir}/lce.csv", rows, CSV_COLUMNS)
     print(f"\n== linear cross-entropy, forward+backward, {C.dtype_name(dtype)}, reduction={args.reduction}"
           f", {prov['device_name']} ==")

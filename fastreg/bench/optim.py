@@ -159,7 +159,7 @@ def check(opt: torch.optim.Optimizer, params: list, cfg: OptimConfig) -> dict:
 
 
 def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats: int, copy_gbs: float,
-               tick: Callable[[], None] = lambda: None) -> list:
+               tick: Callable[[], None] = lambda: None, max_time: Optional[float] = None) -> list:
     base = {"optimizer": cfg.optimizer, "n_tensors": cfg.n_tensors, "numel": cfg.numel, "params": cfg.params,
             "dtype": C.dtype_name(cfg.dtype), "device": device, "bytes_per_step": cfg.bytes_moved,
             "copy_gbs": copy_gbs}
@@ -179,7 +179,7 @@ def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats:
             row.update(check(opt, params, cfg))
             if row["status"] != C.OK:
                 continue
-            t = C.time_fn(opt.step, device, warmup, repeats)
+            t = C.time_fn(opt.step, device, warmup, repeats, max_time)
             row.update(median_ms=t.median, min_ms=t.min, max_ms=t.max, spread=t.spread, repeats=len(t.samples),
                        gbs=cfg.bytes_moved / (t.median * 1e-3) / 1e9)
             if copy_gbs:
@@ -227,7 +227,7 @@ def copy_bytes(device: str, quick: bool) -> int:
 
 
 CSV_COLUMNS = [
-    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python",
+    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python", "loadavg",
     "sweep", "optimizer", "n_tensors", "numel", "params", "dtype", "provider", "status", "note",
     "median_ms", "min_ms", "max_ms", "spread", "repeats", "bytes_per_step", "gbs", "copy_gbs", "frac_copy_bw",
     "speedup_vs_best_torch", "speedup_vs_forloop", "speedup_vs_fused", "err_update", "tol",
@@ -264,17 +264,19 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
         for shape in shapes:
             sizes.setdefault(tuple(shape), []).append(sweep)
     names = args.optim_providers
+    if not sizes:
+        return []
     copy_gbs = C.copy_bandwidth_gbs(args.device, copy_bytes(args.device, args.quick))
-    total = len(args.optimizers) * len(sizes) * len(names)
-    it = iter(C.progress(range(total), total, "optim", show_progress))
+    bar = C.Progress(len(args.optimizers) * len(sizes) * len(names), "optim", show_progress)
     rows = []
     for opt in args.optimizers:
         for (n_tensors, numel), tags in sizes.items():
             cfg = OptimConfig(opt, n_tensors, numel, dtype)
             for r in bench_size(cfg, args.device, names, args.warmup, args.repeats, copy_gbs,
-                                tick=lambda: next(it, None)):
+                                tick=bar.tick, max_time=args.max_time):
                 r.update(prov, sweep=",".join(tags))
                 rows.append(r)
+    bar.close()
     C.append_csv(f"{out_dir}/optim.csv", rows, CSV_COLUMNS)
     print(f"\n== optimizer.step(), {C.dtype_name(dtype)} params, {prov['device_name']}; "
           f"copy bandwidth {copy_gbs:.1f} GB/s ==")

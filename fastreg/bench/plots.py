@@ -17,7 +17,7 @@ def plot_sweep(rows: Sequence[dict], x_key: str, title: str, path: str,
         drawn = False
         for name in providers:
             pts = sorted((float(r[x_key]), float(r[key]) * scale) for r in rows
-                         if r["provider"] == name and r.get(key) not in (None, ""))
+                         if r["provider"] == name and r.get(key) not in (None, "") and float(r[key]) > 0)
             if not pts:
                 continue
             xs, ys = zip(*pts)

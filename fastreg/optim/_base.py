@@ -1,0 +1,192 @@
+"""Bookkeeping shared by fastreg's fused optimizers.
+
+Python only organises tensors; the whole update runs in one operator call per (device, dtype)
+group of parameters (``torch.ops.fastreg._fused_sgd_`` / ``_fused_adam_``, C++ on CPU, CUDA on
+GPUs). To keep the per-step Python work small (it dominates with thousands of small tensors),
+the lists handed to the operator are built once and cached per param group; a step only gathers
+the gradients. The cache is rebuilt when the group's parameter list, the set of parameters that
+have gradients, or a state-shaping option (amsgrad, momentum on/off) changes, and dropped by
+``load_state_dict``/``add_param_group``. State tensors replaced behind the optimizer's back
+(``opt.state[p]["exp_avg"] = t``) are not seen until the next rebuild.
+
+GradScaler: these optimizers set ``_step_supports_amp_scaling``, so ``GradScaler.step`` hands
+them its scale and inf flag as the attributes ``grad_scale`` and ``found_inf`` instead of
+unscaling and syncing; the kernels divide the gradients by ``grad_scale`` and, when ``found_inf``
+is nonzero, change nothing at all (parameters, state, step counters). All of it is read on the
+device: a step makes no host sync.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _ops  # noqa: F401  (loads the operators and their fake implementations)
+
+_REPEAT_NONE = itertools.repeat(None)
+
+
+def _all_present(grads: list) -> bool:
+    return all(map(operator.is_not, grads, _REPEAT_NONE))
+
+
+def hyper_float(x: Any) -> float:
+    """A hyper-parameter as a Python float (a tensor one is read on the host)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def check_tensor_lr(lr: Any) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
+class _Bucket:
+    """The operator arguments for one (device, dtype) set of parameters: the parameters and,
+    parallel to them, one list per state tensor (``lists[name]``)."""
+
+    __slots__ = ("params", "device", "lists", "subsets")
+
+    def __init__(self, params: list[Tensor], lists: dict[str, list[Tensor]]):
+        self.params = params
+        self.device = params[0].device
+        self.lists = lists
+        # presence pattern (tuple of bools) -> _Bucket over the parameters that have gradients
+        self.subsets: dict[tuple, _Bucket] = {}
+
+
+class _GroupPlan:
+    """The buckets of one param group, valid while ``key`` matches the group."""
+
+    __slots__ = ("key", "buckets")
+
+    def __init__(self, key: tuple, buckets: list[_Bucket]):
+        self.key = key
+        self.buckets = buckets
+
+
+class FusedOptimizer(Optimizer):
+    """Base class: subclasses define the state layout (``_state_lists``, ``_init_state``), the
+    cache key of a group (``_layout_key``) and the operator call (``_launch``)."""
+
+    _step_supports_amp_scaling = True
+    _MAX_SUBSETS = 16  # presence patterns cached per bucket before the cache is reset
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        super().__init__(params, defaults)
+        self._reset_plans()
+
+    # ---- hooks for subclasses -------------------------------------------------------------
+
+    def _state_lists(self, group: dict) -> tuple[str, ...]:
+        """Names of the per-parameter state lists the operator takes for this group."""
+        raise NotImplementedError
+
+    def _layout_key(self, group: dict) -> tuple:
+        """Group options that change the state lists (e.g. amsgrad)."""
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor, state: dict, group: dict) -> dict[str, Tensor]:
+        """Creates missing state for p (a parameter about to be stepped) and returns the tensors
+        of each list of ``_state_lists(group)``."""
+        raise NotImplementedError
+
+    def _launch(self, group: dict, bucket: _Bucket, grads: list[Tensor], lr: float, lr_tensor: Optional[Tensor],
+                grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
+    # ---- cache ------------------------------------------------------------------------------
+
+    def _reset_plans(self) -> None:
+        self._plans: dict[int, _GroupPlan] = {}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._reset_plans()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_plans"):
+            self._reset_plans()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._reset_plans()
+
+    def _plan(self, index: int, group: dict) -> _GroupPlan:
+        params = group["params"]
+        key = (id(group), id(params), len(params), self._layout_key(group))
+        plan = self._plans.get(index)
+        if plan is None or plan.key != key:
+            by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in params:
+                by_kind[(p.device, p.dtype)].append(p)
+            plan = _GroupPlan(key, [_Bucket(ps, {}) for ps in by_kind.values()])
+            self._plans[index] = plan
+        return plan
+
+    def _subset(self, group: dict, bucket: _Bucket, grads: list) -> tuple[_Bucket, list[Tensor]]:
+        """The bucket over the parameters of `bucket` whose gradient is not None, with its state
+        (created here, lazily, the first time a parameter has a gradient)."""
+        pattern = tuple(g is not None for g in grads)
+        sub = bucket.subsets.get(pattern)
+        if sub is None:
+            if len(bucket.subsets) >= self._MAX_SUBSETS:
+                bucket.subsets.clear()
+            names = self._state_lists(group)
+            params = [p for p, has in zip(bucket.params, pattern) if has]
+            lists: dict[str, list[Tensor]] = {name: [] for name in names}
+            for p in params:
+                tensors = self._init_state(p, self.state[p], group)
+                for name in names:
+                    lists[name].append(tensors[name])
+            sub = _Bucket(params, lists) if params else None
+            bucket.subsets[pattern] = sub
+        return sub, [g for g in grads if g is not None]
+
+    # ---- step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            for bucket in self._plan(index, group).buckets:
+                grads = [p.grad for p in bucket.params]
+                if _all_present(grads):
+                    sub = bucket.subsets.get(None)
+                    if sub is None:
+                        sub, _ = self._subset(group, bucket, grads)
+                        bucket.subsets[None] = sub  # the all-present pattern, looked up without a tuple
+                else:
+                    sub, grads = self._subset(group, bucket, grads)
+                    if sub is None:
+                        continue
+                device = sub.device
+                if isinstance(lr, Tensor):
+                    lr_value, lr_tensor = 0.0, _on(lr, device)
+                else:
+                    lr_value, lr_tensor = float(lr), None
+                self._launch(group, sub, grads, lr_value, lr_tensor, _on(grad_scale, device), _on(found_inf, device))
+        return loss
+
+
+def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    """t on `device` (an asynchronous copy if it lives elsewhere)."""
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
