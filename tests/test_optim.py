@@ -189,15 +189,18 @@ def test_mixed_dtypes_in_one_group(device):
 
 
 def test_noncontiguous_params(device):
-    """Transposed parameters, and grads with other strides than their parameter."""
-    base = make_params(device, torch.float32, [(17, 9), (5, 33)])
-    init = [t.t() for t in base]  # non-contiguous
+    """Transposed parameters with contiguous grads, and contiguous parameters with transposed
+    grads (each set then goes through contiguous temporaries)."""
+    base = make_params(device, torch.float32, [(17, 9), (5, 33), (12, 7)])
+    init = [base[0].t(), base[1].t(), base[2]]
     a, b = leaves(init), leaves(init)
-    assert not a[0].is_contiguous()
+    assert not a[0].is_contiguous() and a[2].is_contiguous()
     oa, ob = fo.Adam(a, lr=0.01, amsgrad=True), torch.optim.Adam(b, lr=0.01, amsgrad=True, foreach=False)
     for step_grads in make_grads(init, 10):
+        step_grads = [g.contiguous() for g in step_grads[:2]] + [step_grads[2].t().contiguous().t()]
+        assert not step_grads[2].is_contiguous()
         for pa, pb, g in zip(a, b, step_grads):
-            pa.grad, pb.grad = g.contiguous(), g.contiguous()  # contiguous grads vs transposed params
+            pa.grad, pb.grad = g.clone(memory_format=torch.preserve_format), g.clone()
         oa.step()
         ob.step()
     assert_params_close(a, b)

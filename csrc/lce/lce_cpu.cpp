@@ -21,6 +21,10 @@
 
 #include "lce/lce_math.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace fastreg {
 namespace {
 
@@ -62,9 +66,10 @@ FR_INLINE float hsum(vf v) {
   return v[0];
 }
 
-// exp(x) to ~1 ulp for x in [-87, 88]; smaller x gives ~1e-38 (never denormal), NaN propagates.
+// exp(x) to ~1 ulp for x in [-87, 88]; exactly 0 below -87 (no denormals), NaN propagates.
 FR_INLINE vf vexp(vf x) {
   const vf hi = splat(88.0f), lo = splat(-87.0f);
+  const vi underflow = x < lo;
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
   const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
@@ -82,7 +87,7 @@ FR_INLINE vf vexp(vf x) {
   p = p * r + splat(1.0f);
   p = p * r + splat(1.0f);
   vi bits = (ni + 127) << 23;
-  return p * (vf)bits;
+  return underflow ? splat(0.0f) : p * (vf)bits;
 }
 // tanh(x) = 1 - 2 / (exp(2x) + 1), odd-symmetrised so small |x| keeps its sign.
 FR_INLINE vf vtanh(vf x) {
@@ -195,6 +200,21 @@ void from_float(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// Flush denormals to zero (FTZ|DAZ) while a row pass runs on this thread, then restore the caller's
+// mode. Wide logit ranges make many p_c and gradient entries tiny; as denormals they would slow
+// this pass and the gradient GEMMs that read them many-fold, and at ~1e-38 they carry no
+// information at fp32 precision.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
 struct RowsF64 {
   double eps, softcap, zloss, w_sum;
   const double* cw;
@@ -212,6 +232,7 @@ void rows_impl(at::Tensor& logits, const int64_t* tgt, const at::Tensor& row_sca
   acc_t* out = loss_rows.data_ptr<acc_t>();
   const acc_t* sc = row_scale.data_ptr<acc_t>();
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    FlushDenormals ftz;
     std::vector<float> scratch(kF32 || kF64 ? 0 : V);
     for (int64_t r = r0; r < r1; ++r) {
       scalar_t* zr = z + r * V;

@@ -263,11 +263,10 @@ class FlatGroup {
     TORCH_CHECK(is_float_dtype(dtype_), op, ": params must be float32, float64, bfloat16 or float16, got ", dtype_);
     ptrs_.resize(num_tensors_ * num_lists_);
     offsets_.resize(num_tensors_ + 1, 0);
-    std::vector<at::Tensor> set(num_lists_);
     for (int64_t i = 0; i < num_tensors_; ++i) {
       const at::Tensor& p = params[i];
       bool contiguous = true;
-      bool same_dense_layout = p.is_non_overlapping_and_dense();
+      bool same_dense_layout = true;
       for (int64_t l = 0; l < num_lists_; ++l) {
         const at::Tensor& t = lists[l].second[i];
         const char* name = lists[l].first;
@@ -280,18 +279,23 @@ class FlatGroup {
         TORCH_CHECK(t.sizes().equals(p.sizes()), op, ": ", name, "[", i, "] has shape ", t.sizes(),
                     " but params[", i, "] has shape ", p.sizes());
         contiguous = contiguous && t.is_contiguous();
-        same_dense_layout = same_dense_layout && t.strides().equals(p.strides());
-        set[l] = t;
-      }
-      const bool direct = contiguous || same_dense_layout;
-      for (int64_t l = 0; l < num_lists_; ++l) {
-        at::Tensor t = set[l];
-        if (!direct && !t.is_contiguous()) {
-          at::Tensor tmp = t.contiguous();
-          if (written[l]) writeback_.emplace_back(t, tmp);
-          t = tmp;
-        }
         ptrs_[i * num_lists_ + l] = static_cast<char*>(t.data_ptr());
+      }
+      if (!contiguous) {  // flat walking needs one dense layout shared by the whole set
+        same_dense_layout = p.is_non_overlapping_and_dense();
+        for (int64_t l = 1; l < num_lists_; ++l) {
+          same_dense_layout = same_dense_layout && lists[l].second[i].strides().equals(p.strides());
+        }
+      }
+      if (!contiguous && !same_dense_layout) {
+        for (int64_t l = 0; l < num_lists_; ++l) {
+          const at::Tensor& t = lists[l].second[i];
+          if (t.is_contiguous()) continue;
+          at::Tensor tmp = t.contiguous();
+          ptrs_[i * num_lists_ + l] = static_cast<char*>(tmp.data_ptr());
+          if (written[l]) writeback_.emplace_back(t, tmp);
+          else keep_alive_.push_back(std::move(tmp));
+        }
       }
       offsets_[i + 1] = offsets_[i] + p.numel();
     }
@@ -335,6 +339,7 @@ class FlatGroup {
   std::vector<char*> ptrs_;
   std::vector<int64_t> offsets_;
   std::vector<std::pair<at::Tensor, at::Tensor>> writeback_;
+  std::vector<at::Tensor> keep_alive_;  // contiguous copies of read-only tensors
 };
 
 // Runs f(tensor, arrays, count) over every piece of the group, in one parallel region, where
@@ -559,22 +564,22 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 void bump_versions_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const size_t n = schema.arguments().size();
-  std::vector<at::Tensor> mutated;
+  std::vector<c10::IValue> mutated;  // the mutated list arguments (a reference each, no tensor copies)
   for (size_t i = 0; i < n; ++i) {
     const c10::AliasInfo* alias = schema.arguments()[i].alias_info();
-    const c10::IValue& arg = (*stack)[stack->size() - n + i];
-    if (alias == nullptr || !alias->isWrite()) continue;
-    if (arg.isTensorList()) {
-      for (const at::Tensor& t : arg.toTensorList().vec()) mutated.push_back(t);
-    } else if (arg.isTensor()) {
-      mutated.push_back(arg.toTensor());
-    }
+    if (alias != nullptr && alias->isWrite()) mutated.push_back((*stack)[stack->size() - n + i]);
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : mutated) torch::autograd::increment_version(t);
+  for (const c10::IValue& arg : mutated) {
+    if (arg.isTensorList()) {
+      for (const c10::IValue& t : arg.toListRef()) torch::autograd::increment_version(t.toTensor());
+    } else if (arg.isTensor()) {
+      torch::autograd::increment_version(arg.toTensor());
+    }
+  }
 }
 
 // Sparse gradients reach these instead of the dense kernels (the dispatcher picks the sparse key
@@ -607,6 +612,11 @@ TORCH_LIBRARY_IMPL(fastreg, ADInplaceOrView, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastreg, SparseCPU, m) {
+  m.impl("_fused_sgd_", &fastreg::optim_cpu::fused_sgd_sparse);
+  m.impl("_fused_adam_", &fastreg::optim_cpu::fused_adam_sparse);
+}
+
+TORCH_LIBRARY_IMPL(fastreg, SparseCUDA, m) {
   m.impl("_fused_sgd_", &fastreg::optim_cpu::fused_sgd_sparse);
   m.impl("_fused_adam_", &fastreg::optim_cpu::fused_adam_sparse);
 }

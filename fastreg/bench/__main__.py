@@ -131,11 +131,12 @@ def main(argv=None) -> int:
         return 1 if (args.strict and not ok) else 0
     run_lce = args.ops in ("lce", "all") and (args.lce_sizes or not args.optim_sizes)
     run_optim = args.ops in ("optim", "all") and (args.optim_sizes or not args.lce_sizes)
-    if run_lce and args.lce_providers:
-        lce.run(args, prov, args.out, args.progress)
-    if run_optim and args.optim_providers:
-        optim.run(args, prov, args.out, args.progress)
-    print(f"\nresults appended to {os.path.join(args.out, 'lce.csv')} / {os.path.join(args.out, 'optim.csv')}")
+    written = []
+    if run_lce and args.lce_providers and lce.run(args, prov, args.out, args.progress):
+        written.append(os.path.join(args.out, "lce.csv"))
+    if run_optim and args.optim_providers and optim.run(args, prov, args.out, args.progress):
+        written.append(os.path.join(args.out, "optim.csv"))
+    print("\nresults appended to " + (", ".join(written) if written else "nothing (no sizes/providers selected)"))
     return 0
 
 

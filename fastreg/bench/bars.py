@@ -129,7 +129,7 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
     bar.close()
     C.append_csv(f"{out_dir}/lce.csv", lce_rows, lce.CSV_COLUMNS)
     C.append_csv(f"{out_dir}/optim.csv", optim_rows, optim.CSV_COLUMNS)
-    C.append_csv(f"{out_dir}/bars-{device}.csv", [{**prov, **r} for r in crit.rows], CSV_COLUMNS)
+    C.append_csv(f"{out_dir}/bars-{device}.csv", [{**prov, "device": device, **r} for r in crit.rows], CSV_COLUMNS)
 
     n_pass = sum(r["result"] == PASS for r in crit.rows)
     n_fail = sum(r["result"] == FAIL for r in crit.rows)

@@ -118,37 +118,51 @@ def make_params(cfg: OptimConfig, device: str, seed: int = 0) -> list:
     return params
 
 
-def check(opt: torch.optim.Optimizer, params: list, cfg: OptimConfig) -> dict:
-    """CHECK_STEPS steps of ``opt`` vs torch's for-loop optimizer in float64 from the same start.
+def _groups(tensors: list, max_elements: int):
+    """Consecutive runs of tensors with at most ``max_elements`` elements in all (at least one each)."""
+    group, n = [], 0
+    for t in tensors:
+        if group and n + t.numel() > max_elements:
+            yield group
+            group, n = [], 0
+        group.append(t)
+        n += t.numel()
+    if group:
+        yield group
 
-    Compares the parameter updates (p_K - p_0), not the parameters, so the error is relative to
-    what the optimizer changed. The reference runs on groups of tensors (<= 2**26 elements each)
-    so that a float64 copy of a huge model is never needed at once.
-    """
+
+def reference_updates(cfg: OptimConfig, device: str) -> list:
+    """The update p_K - p_0 of CHECK_STEPS steps of torch's for-loop optimizer run in float64 on the
+    parameters and gradients of ``make_params(cfg)``, one per tensor, stored in float32 (ample for
+    the tolerance). Computed on groups of <= 2**26 elements, so a float64 copy of a huge model is
+    never needed at once; computed once per size and shared by all providers."""
     spec = OPTIMIZERS[cfg.optimizer]
+    updates = []
+    for group in _groups(make_params(cfg, device), 1 << 26):
+        ref = [p.detach().double() for p in group]
+        for r, p in zip(ref, group):
+            r.grad = p.grad.double()
+        opt = spec.torch_cls(ref, **spec.hyper, foreach=False)
+        for _ in range(CHECK_STEPS):
+            opt.step()
+        updates += [(r - p.double()).float() for r, p in zip(ref, group)]
+        del ref, opt
+    return updates
+
+
+def check(opt: torch.optim.Optimizer, params: list, ref_updates: list, cfg: OptimConfig) -> dict:
+    """CHECK_STEPS steps of ``opt`` on ``params`` (fresh from ``make_params(cfg)``) against the
+    float64 reference: relative L2 error of the updates p_K - p_0 over all tensors (the update, not
+    the parameters, so the error is relative to what the optimizer changed)."""
     start = [p.detach().clone() for p in params]
     for _ in range(CHECK_STEPS):
         opt.step()
     num = den = 0.0
-    i = 0
-    while i < len(params):
-        j, n = i, 0
-        while j < len(params) and (n == 0 or n + params[j].numel() <= 1 << 26):
-            n += params[j].numel()
-            j += 1
-        ref = [s.double() for s in start[i:j]]
-        for r, p in zip(ref, params[i:j]):
-            r.grad = p.grad.double()
-        ref_opt = spec.torch_cls(ref, **spec.hyper, foreach=False)
-        for _ in range(CHECK_STEPS):
-            ref_opt.step()
-        for r, s, p in zip(ref, start[i:j], params[i:j]):
-            d_ref = r - s.double()
-            d = p.detach().double() - s.double()
-            num += (d - d_ref).pow(2).sum().item()
-            den += d_ref.pow(2).sum().item()
-        del ref, ref_opt
-        i = j
+    for p, s, r in zip(params, start, ref_updates):
+        d = p.detach().double() - s.double()
+        num += (d - r.double()).pow(2).sum().item()
+        den += r.double().pow(2).sum().item()
+    del start
     err = math.sqrt(num / den) if den > 0 else math.sqrt(num)
     if not math.isfinite(err):
         err = math.inf
@@ -164,6 +178,7 @@ def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats:
             "dtype": C.dtype_name(cfg.dtype), "device": device, "bytes_per_step": cfg.bytes_moved,
             "copy_gbs": copy_gbs}
     rows = []
+    ref = reference_updates(cfg, device)
     for name in names:
         row = {**base, "provider": name}
         rows.append(row)
@@ -176,7 +191,7 @@ def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats:
                 continue
             params = make_params(cfg, device)
             opt = prov.build(cfg.optimizer, params)
-            row.update(check(opt, params, cfg))
+            row.update(check(opt, params, ref, cfg))
             if row["status"] != C.OK:
                 continue
             t = C.time_fn(opt.step, device, warmup, repeats, max_time)
@@ -190,6 +205,8 @@ def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats:
             del params, opt
             C.free_memory(device)
             tick()
+    del ref
+    C.free_memory(device)
     add_ratios(rows)
     return rows
 
