@@ -81,10 +81,8 @@ def _backward(ctx, grad_loss, _gi, _gw, _gb):
         # The forward computed exactly the gradients that were requested then (output_mask).
         torch._check(not need_input or ctx.output_mask[0], lambda: _MASK_MSG)
         torch._check(not need_weight or ctx.output_mask[1], lambda: _MASK_MSG)
-        # Scaled in place: no second weight-sized buffer. The forward's gradients are thus consumed
-        # by the first backward; a second backward through the same graph (retain_graph=True) is
-        # refused by autograd's saved-tensor version check.
-        gi, gw, gb = (g.mul_(grad_loss) if want else None for g, want in ((gi, need_input), (gw, need_weight), (gb, need_bias)))
+        # Out of place, so backward can run more than once over the graph (gradcheck, retain_graph).
+        gi, gw, gb = (g * grad_loss if want else None for g, want in ((gi, need_input), (gw, need_weight), (gb, need_bias)))
     return (gi if need_input else None, gw if need_weight else None, None,
             gb if need_bias and ctx.has_bias else None) + (None,) * 8
 
