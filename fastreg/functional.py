@@ -57,6 +57,9 @@ def _setup_context(ctx, inputs, output):
     (input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing, softcap, z_loss,
      chunk_size, output_mask) = inputs
     _, gi, gw, gb = output
+    # Only the loss output carries a gradient: without this autograd would materialise a zero
+    # "gradient" for each gradient output in the backward (a weight-sized buffer).
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.has_bias = bias is not None
     if reduction == 0:
@@ -70,6 +73,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _gi, _gw, _gb):
+    if grad_loss is None:  # grads are not materialised (see _setup_context): nothing flows back
+        return (None,) * 12
     need_input, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     if ctx.reduction == 0:
         input, weight, target, bias, class_weight = ctx.saved_tensors
