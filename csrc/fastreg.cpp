@@ -48,7 +48,8 @@ TORCH_LIBRARY(fastreg, m) {
   // gradients are divided by it inside the kernel. found_inf: when nonzero nothing changes at all
   // (params, state, step counters, momentum flags). Both are read on the device (no host sync).
   // SGD: momentum_buffers and momentum_started (one-element uint8/bool flags: 0 until the buffer
-  // holds a value, torch's `buf is None`) are empty when momentum == 0.
+  // holds a value, torch's `buf is None`) are empty when momentum == 0. Per-param counters and flags
+  // (momentum_started, state_steps) may also come as ONE contiguous tensor holding all of them.
   m.def(
       "_fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] momentum_started, float lr, Tensor? lr_tensor, float momentum, float dampening, "

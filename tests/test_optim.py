@@ -528,6 +528,7 @@ def _adam_args(ps, gs, **over):
     (lambda p, g: dict(params=[p[0].double(), p[1].double()], grads=[g[0].double(), g[1].double()]),
      "exp_avgs\\[0\\] has dtype Float but params has Double"),
     (lambda p, g: dict(state_steps=[torch.zeros(()), torch.zeros(2)]), "state_steps\\[1\\] must be a one-element"),
+    (lambda p, g: dict(state_steps=[torch.zeros(3)]), "one contiguous tensor of 2 elements"),
     (lambda p, g: dict(params=[p[0].long(), p[1].long()], grads=[g[0].long(), g[1].long()]), "params must be float"),
     (lambda p, g: dict(max_exp_avg_sqs=[torch.zeros(5), torch.zeros(6)]), "amsgrad is off"),
     (lambda p, g: dict(amsgrad=True), "max_exp_avg_sqs has 0 tensors"),
@@ -543,6 +544,38 @@ def test_op_bad_input(bad, match):
         OPS._fused_adam_(**args)
     after = [t for t in args["params"]] + [t for t in args["exp_avgs"]]
     assert all(torch.equal(x, y) for x, y in zip(snapshot, after)), "bad input must not change anything"
+
+
+def test_op_packed_counters():
+    """Per-param counters may come as one tensor holding all of them (what the optimizers pass:
+    state["step"] are views into it); the result equals one counter tensor per param."""
+    params, grads = [torch.randn(5), torch.randn(6)], [torch.randn(5), torch.randn(6)]
+    separate = _adam_args([p.clone() for p in params], grads, state_steps=[torch.tensor(3.0), torch.tensor(7.0)])
+    packed = _adam_args([p.clone() for p in params], grads, state_steps=[torch.tensor([3.0, 7.0])])
+    OPS._fused_adam_(**separate)
+    OPS._fused_adam_(**packed)
+    assert packed["state_steps"][0].tolist() == [4.0, 8.0]
+    for x, y in zip(separate["params"], packed["params"]):
+        assert torch.equal(x, y)
+    opt = fo.Adam(leaves(params), lr=0.1)
+    for p, g in zip(opt.param_groups[0]["params"], grads):
+        p.grad = g
+    opt.step()
+    steps = [opt.state[p]["step"] for p in opt.param_groups[0]["params"]]
+    assert all(s.dim() == 0 and s.dtype == torch.float32 and float(s) == 1 for s in steps)
+    assert steps[0]._base is not None and steps[0]._base is steps[1]._base
+
+
+def test_grad_mode_refused():
+    """Called directly with grad mode on, the op refuses parameters that require grad (like ATen's
+    in-place ops on leaves) instead of silently bypassing autograd."""
+    p = torch.nn.Parameter(torch.randn(3))
+    args = _adam_args([p], [torch.randn(3)])
+    with pytest.raises(RuntimeError, match="requires grad and grad mode is on"):
+        OPS._fused_adam_(**args)
+    with torch.no_grad():
+        OPS._fused_adam_(**args)
+    assert float(args["state_steps"][0]) == 1
 
 
 def test_op_bad_input_sgd():

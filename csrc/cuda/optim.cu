@@ -403,18 +403,36 @@ DeviceScalar device_scalar(const char* op, const char* name, const std::optional
   return s;
 }
 
-// Checks the one-element per-tensor counters (Adam steps: float32; SGD flags: uint8/bool).
-void check_counters(const char* op, const char* name, const std::vector<Tensor>& list, const Group& g,
-                    ScalarType want, ScalarType also) {
-  STD_TORCH_CHECK(static_cast<int64_t>(list.size()) == g.size(), op, ": ", name, " has ", list.size(),
-                  " tensors but params has ", g.size());
-  for (size_t i = 0; i < list.size(); ++i) {
-    const Tensor& t = list[i];
-    STD_TORCH_CHECK(t.defined() && t.numel() == 1, op, ": ", name, "[", i, "] must be a one-element tensor");
+// Where the per-tensor counters live (Adam steps: float32; SGD flags: uint8/bool): one
+// one-element tensor per parameter, or a single contiguous tensor holding all of them (what the
+// Python optimizers pass).
+std::vector<void*> counter_pointers(const char* op, const char* name, const std::vector<Tensor>& list,
+                                    const Group& g, ScalarType want, ScalarType also) {
+  auto check = [&](const Tensor& t, size_t i) {
     STD_TORCH_CHECK(g.on_device(t), op, ": ", name, "[", i, "] must be on the params' device cuda:", g.device());
     STD_TORCH_CHECK(t.scalar_type() == want || t.scalar_type() == also, op, ": ", name, "[", i,
                     "] has an unsupported dtype");
+  };
+  const int64_t n = g.size();
+  std::vector<void*> out(n);
+  if (list.size() == 1 && n > 1) {  // packed
+    const Tensor& t = list[0];
+    STD_TORCH_CHECK(t.defined() && t.numel() == n && t.is_contiguous(), op, ": ", name,
+                    " must hold one one-element tensor per param, or one contiguous tensor of ", n, " elements");
+    check(t, 0);
+    char* base = static_cast<char*>(t.mutable_data_ptr());
+    for (int64_t i = 0; i < n; ++i) out[i] = base + i * static_cast<int64_t>(t.element_size());
+    return out;
   }
+  STD_TORCH_CHECK(static_cast<int64_t>(list.size()) == n, op, ": ", name, " has ", list.size(),
+                  " tensors but params has ", n);
+  for (size_t i = 0; i < list.size(); ++i) {
+    const Tensor& t = list[i];
+    STD_TORCH_CHECK(t.defined() && t.numel() == 1, op, ": ", name, "[", i, "] must be a one-element tensor");
+    check(t, i);
+    out[i] = t.mutable_data_ptr();
+  }
+  return out;
 }
 
 void check_launch(const char* op) {
@@ -425,7 +443,7 @@ void check_launch(const char* op) {
 // Launches `main` over the group in batches of at most Batch::kCap tensors, each followed by
 // `epilogue` over the batch's counters (when the operator has counters).
 template <int kLists, typename Hyper, typename MainKernel, typename EpilogueKernel>
-void launch_batches(const char* op, const Group& g, const std::vector<Tensor>* counters, const Hyper& h,
+void launch_batches(const char* op, const Group& g, const std::vector<void*>* counters, const Hyper& h,
                     const DeviceScalars& sc, MainKernel main, EpilogueKernel epilogue) {
   torch::stable::accelerator::DeviceGuard guard(g.device());
   void* stream_ptr = nullptr;
@@ -459,7 +477,7 @@ void launch_batches(const char* op, const Group& g, const std::vector<Tensor>* c
     const int32_t start = b.count == 0 ? 0 : b.chunk_end[b.count - 1];
     for (int l = 0; l < kLists; ++l) b.data[l][b.count] = g.at(l, i).mutable_data_ptr();
     b.numel[b.count] = numel;
-    b.counter[b.count] = counters == nullptr ? nullptr : (*counters)[i].mutable_data_ptr();
+    b.counter[b.count] = counters == nullptr ? nullptr : (*counters)[i];
     b.chunk_end[b.count] = start + static_cast<int32_t>(chunks);
     ++b.count;
   }
@@ -504,25 +522,22 @@ void fused_sgd_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std::
                     ": momentum is 0 so momentum_buffers and momentum_started must be empty");
   }
   Group g(op, lists);
-  if (use_momentum) check_counters(op, "momentum_started", momentum_started, g, ScalarType::Byte, ScalarType::Bool);
+  std::vector<void*> flags;
+  if (use_momentum) {
+    flags = counter_pointers(op, "momentum_started", momentum_started, g, ScalarType::Byte, ScalarType::Bool);
+  }
   const DeviceScalars sc{device_scalar(op, "lr_tensor", lr_tensor, g), device_scalar(op, "grad_scale", grad_scale, g),
                          device_scalar(op, "found_inf", found_inf, g)};
 
   dispatch_storage(g.dtype(), [&](auto zero) {
     using S = decltype(zero);
     using M = typename MathOf<S>::type;
-    SgdHyper<M> h;
-    h.neg_lr = static_cast<M>(-lr);
-    h.momentum = static_cast<M>(momentum);
-    h.one_minus_dampening = static_cast<M>(1.0 - dampening);
-    h.weight_decay = static_cast<M>(weight_decay);
-    h.inv_grad_scale = M(1);
-    h.nesterov = nesterov;
-    h.maximize = maximize;
+    // the kernels replace lr and the grad scale when those come as tensors
+    const auto h = optim::make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, 1.0, nesterov, maximize);
     auto run = [&](auto momentum_tag) {
       constexpr bool kMomentum = decltype(momentum_tag)::value;
       constexpr int kLists = kMomentum ? 3 : 2;
-      launch_batches<kLists>(op, g, kMomentum ? &momentum_started : nullptr, h, sc, sgd_kernel<S, kMomentum>,
+      launch_batches<kLists>(op, g, kMomentum ? &flags : nullptr, h, sc, sgd_kernel<S, kMomentum>,
                              counter_epilogue<Counter::kSgdStarted, kLists, SgdHyper<M>>);
     };
     if (use_momentum) {
@@ -550,28 +565,19 @@ void fused_adam_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std:
     STD_TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": amsgrad is off so max_exp_avg_sqs must be empty");
   }
   Group g(op, lists);
-  check_counters(op, "state_steps", state_steps, g, ScalarType::Float, ScalarType::Float);
+  const std::vector<void*> steps = counter_pointers(op, "state_steps", state_steps, g, ScalarType::Float, ScalarType::Float);
   const DeviceScalars sc{device_scalar(op, "lr_tensor", lr_tensor, g), device_scalar(op, "grad_scale", grad_scale, g),
                          device_scalar(op, "found_inf", found_inf, g)};
 
   dispatch_storage(g.dtype(), [&](auto zero) {
     using S = decltype(zero);
     using M = typename MathOf<S>::type;
-    AdamHyper<M> h;
-    h.lr = static_cast<M>(lr);
-    h.beta1 = static_cast<M>(beta1);
-    h.beta2 = static_cast<M>(beta2);
-    h.one_minus_beta1 = static_cast<M>(1.0 - beta1);
-    h.one_minus_beta2 = static_cast<M>(1.0 - beta2);
-    h.eps = static_cast<M>(eps);
-    h.weight_decay = static_cast<M>(weight_decay);
-    h.inv_grad_scale = M(1);
-    h.decoupled = decoupled_weight_decay;
-    h.maximize = maximize;
+    // the kernels replace lr and the grad scale when those come as tensors
+    const auto h = optim::make_adam_hyper<M>(lr, beta1, beta2, weight_decay, eps, 1.0, maximize, decoupled_weight_decay);
     auto run = [&](auto amsgrad_tag) {
       constexpr bool kAmsgrad = decltype(amsgrad_tag)::value;
       constexpr int kLists = kAmsgrad ? 5 : 4;
-      launch_batches<kLists>(op, g, &state_steps, h, sc, adam_kernel<S, kAmsgrad>,
+      launch_batches<kLists>(op, g, &steps, h, sc, adam_kernel<S, kAmsgrad>,
                              counter_epilogue<Counter::kAdamStep, kLists, AdamHyper<M>>);
     };
     if (amsgrad) {

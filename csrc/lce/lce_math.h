@@ -13,11 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTREG_HD __host__ __device__ __forceinline__
-#else
-#define FASTREG_HD inline
-#endif
+#include "common.h"
 
 namespace fastreg {
 

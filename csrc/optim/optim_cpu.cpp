@@ -243,16 +243,45 @@ bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// Thousands of small tensors mean thousands of scattered TensorImpl / StorageImpl objects, each a
+// cache miss when first touched; the loops over them fetch a few tensors ahead.
+constexpr size_t kAheadImpl = 8;     // tensors ahead whose TensorImpl is fetched
+constexpr size_t kAheadStorage = 4;  // tensors ahead whose StorageImpl is fetched (impl already near)
+
+inline void prefetch_impl(const at::Tensor& t) {
+  const char* impl = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+  for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
+}
+
+inline void prefetch_storage(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->has_storage()) __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+}
+
+// A Tensor[] argument read in place from the dispatcher's stack: unlike at::TensorList, which the
+// unboxing wrapper would fill with a copy of every tensor, indexing it touches no reference count
+// (with thousands of tensors those copies, and their release, are a large part of a call).
+class TensorRefs {
+ public:
+  explicit TensorRefs(const c10::IValue& list) : items_(list.toListRef()) {}
+  size_t size() const { return items_.size(); }
+  bool empty() const { return items_.empty(); }
+  const at::Tensor& operator[](size_t i) const { return items_[i].toTensor(); }
+
+ private:
+  c10::ArrayRef<c10::IValue> items_;
+};
+
 // The tensors of one dtype group, list by list (params, grads, state...), checked and flattened.
 // Each tensor set (params[i], grads[i], states[i]...) is processed as one flat array of
 // params[i].numel() elements: directly when the tensors share one dense layout, else through
 // contiguous temporaries that are copied back by finish().
 class FlatGroup {
  public:
-  FlatGroup(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& lists,
+  FlatGroup(const char* op, const std::vector<std::pair<const char*, TensorRefs>>& lists,
             const std::vector<bool>& written)
       : num_lists_(static_cast<int64_t>(lists.size())) {
-    const at::TensorList params = lists[0].second;
+    const TensorRefs& params = lists[0].second;
     num_tensors_ = static_cast<int64_t>(params.size());
     TORCH_CHECK(num_tensors_ > 0, op, ": the params list is empty");
     for (const auto& [name, list] : lists) {
@@ -260,10 +289,16 @@ class FlatGroup {
                   " tensors but params has ", num_tensors_);
     }
     dtype_ = params[0].scalar_type();
+    elem_size_ = static_cast<int64_t>(c10::elementSize(dtype_));
     TORCH_CHECK(is_float_dtype(dtype_), op, ": params must be float32, float64, bfloat16 or float16, got ", dtype_);
     ptrs_.resize(num_tensors_ * num_lists_);
     offsets_.resize(num_tensors_ + 1, 0);
     for (int64_t i = 0; i < num_tensors_; ++i) {
+      for (int64_t l = 0; l < num_lists_; ++l) {
+        const TensorRefs& list = lists[l].second;
+        if (i + kAheadImpl < list.size()) prefetch_impl(list[i + kAheadImpl]);
+        if (i + kAheadStorage < list.size()) prefetch_storage(list[i + kAheadStorage]);
+      }
       const at::Tensor& p = params[i];
       bool contiguous = true;
       bool same_dense_layout = true;
@@ -320,11 +355,24 @@ class FlatGroup {
       int64_t i = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
       while (begin < end) {
         const int64_t stop = std::min(end, offsets_[i + 1]);
+        if (stop < end) prefetch_head(i + 1);
         if (stop > begin) f(i, begin - offsets_[i], stop - begin);
         begin = stop;
         ++i;
       }
     });
+  }
+
+  // Small tensors are separate short memory streams that the hardware prefetcher only picks up
+  // after a few misses: start fetching the head of every array of the next tensor before working
+  // on the current one.
+  void prefetch_head(int64_t i) const {
+    constexpr int64_t kHeadBytes = 1024;
+    const int64_t bytes = std::min(kHeadBytes, (offsets_[i + 1] - offsets_[i]) * elem_size_);
+    for (int64_t l = 0; l < num_lists_; ++l) {
+      const char* base = ptrs_[i * num_lists_ + l];
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + b, l == 1 ? 0 : 1);
+    }
   }
 
   // Copies the results held in contiguous temporaries back into their strided tensors.
@@ -336,6 +384,7 @@ class FlatGroup {
   int64_t num_lists_;
   int64_t num_tensors_ = 0;
   at::ScalarType dtype_ = at::kFloat;
+  int64_t elem_size_ = 4;
   std::vector<char*> ptrs_;
   std::vector<int64_t> offsets_;
   std::vector<std::pair<at::Tensor, at::Tensor>> writeback_;
@@ -408,50 +457,67 @@ CommonArgs read_common_args(const char* op, double lr, const std::optional<at::T
   return a;
 }
 
-// Checks a list of one-element per-tensor counters/flags (state_steps, momentum flags).
-void check_counters(const char* op, const char* name, at::TensorList list, int64_t n,
-                    std::initializer_list<at::ScalarType> dtypes) {
+// Where the per-tensor counters/flags (state_steps, momentum_started) live: either one
+// one-element tensor per parameter, or a single contiguous tensor holding all n of them (what the
+// Python optimizers pass: the per-parameter counters are views into it).
+struct Counters {
+  std::vector<void*> ptr;
+  bool f64 = false;  // state_steps only: float64 counters (else float32; flags are uint8/bool)
+};
+
+Counters counter_pointers(const char* op, const char* name, const TensorRefs& list, int64_t n,
+                          std::initializer_list<at::ScalarType> dtypes) {
+  auto check_dtype = [&](const at::Tensor& t, int64_t i) {
+    TORCH_CHECK(std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end(), op, ": ", name, "[", i,
+                "] has unsupported dtype ", t.scalar_type());
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(), " but the params are on cpu");
+  };
+  Counters out;
+  out.ptr.resize(n);
+  if (list.size() == 1 && n > 1) {  // packed
+    const at::Tensor& t = list[0];
+    TORCH_CHECK(t.defined() && t.numel() == n && t.is_contiguous(), op, ": ", name,
+                " must hold one one-element tensor per param, or one contiguous tensor of ", n, " elements");
+    check_dtype(t, 0);
+    out.f64 = t.scalar_type() == at::kDouble;
+    char* base = static_cast<char*>(t.data_ptr());
+    for (int64_t i = 0; i < n; ++i) out.ptr[i] = base + i * t.element_size();
+    return out;
+  }
   TORCH_CHECK(static_cast<int64_t>(list.size()) == n, op, ": ", name, " has ", list.size(),
               " tensors but params has ", n);
   for (int64_t i = 0; i < n; ++i) {
+    if (i + kAheadImpl < list.size()) prefetch_impl(list[i + kAheadImpl]);
+    if (i + kAheadStorage < list.size()) prefetch_storage(list[i + kAheadStorage]);
     const at::Tensor& t = list[i];
     TORCH_CHECK(t.defined() && t.numel() == 1, op, ": ", name, "[", i, "] must be a one-element tensor");
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(), " but the params are on cpu");
-    TORCH_CHECK(std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end(), op, ": ", name, "[", i,
-                "] has unsupported dtype ", t.scalar_type());
+    check_dtype(t, i);
+    TORCH_CHECK((t.scalar_type() == at::kDouble) == (list[0].scalar_type() == at::kDouble), op, ": ", name,
+                " mixes float32 and float64 counters");
+    out.ptr[i] = t.data_ptr();
   }
+  out.f64 = list[0].scalar_type() == at::kDouble;
+  return out;
 }
 
 // ================================================================================================
 // SGD
 // ================================================================================================
 
-template <typename T>
-SgdHyper<T> make_sgd_hyper(const CommonArgs& a, double momentum, double dampening, double weight_decay,
-                           bool nesterov, bool maximize) {
-  SgdHyper<T> h;
-  h.neg_lr = static_cast<T>(-a.lr);
-  h.momentum = static_cast<T>(momentum);
-  h.one_minus_dampening = static_cast<T>(1.0 - dampening);
-  h.weight_decay = static_cast<T>(weight_decay);
-  h.inv_grad_scale = static_cast<T>(a.inv_grad_scale);
-  h.nesterov = nesterov;
-  h.maximize = maximize;
-  return h;
-}
-
-void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   at::TensorList momentum_started, double lr, const std::optional<at::Tensor>& lr_tensor,
+void fused_sgd_cpu(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& momentum_buffers,
+                   const TensorRefs& momentum_started, double lr, const std::optional<at::Tensor>& lr_tensor,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fastreg::_fused_sgd_";
   const bool use_momentum = momentum != 0.0;
-  std::vector<std::pair<const char*, at::TensorList>> lists = {{"params", params}, {"grads", grads}};
+  std::vector<std::pair<const char*, TensorRefs>> lists = {{"params", params}, {"grads", grads}};
   std::vector<bool> written = {true, false};
+  Counters flags;
   if (use_momentum) {
     lists.emplace_back("momentum_buffers", momentum_buffers);
     written.push_back(true);
-    check_counters(op, "momentum_started", momentum_started, static_cast<int64_t>(params.size()), {at::kByte, at::kBool});
+    flags = counter_pointers(op, "momentum_started", momentum_started, static_cast<int64_t>(params.size()),
+                             {at::kByte, at::kBool});
   } else {
     TORCH_CHECK(momentum_buffers.empty() && momentum_started.empty(), op,
                 ": momentum is 0 so momentum_buffers and momentum_started must be empty");
@@ -465,7 +531,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   std::vector<uint8_t> first(n, 0);
   if (use_momentum) {
     for (int64_t i = 0; i < n; ++i) {
-      uint8_t* flag = static_cast<uint8_t*>(momentum_started[i].data_ptr());
+      uint8_t* flag = static_cast<uint8_t*>(flags.ptr[i]);
       first[i] = *flag == 0;
       *flag = 1;
     }
@@ -474,7 +540,8 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   constexpr bool kWritten[3] = {true, false, true};
   with_math_type(group.dtype(), [&](auto zero) {
     using T = decltype(zero);
-    const auto h = make_sgd_hyper<T>(args, momentum, dampening, weight_decay, nesterov, maximize);
+    const auto h = optim::make_sgd_hyper<T>(args.lr, momentum, dampening, weight_decay, args.inv_grad_scale,
+                                             nesterov, maximize);
     run_pieces<T>(group, slots, kWritten, [&](int64_t i, T* const* a, int64_t k) {
       sgd_span(a[0], a[1], a[2], k, first[i], h);
     });
@@ -486,38 +553,22 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 // Adam / AdamW
 // ================================================================================================
 
-template <typename T>
-AdamHyper<T> make_adam_hyper(const CommonArgs& a, double beta1, double beta2, double weight_decay, double eps,
-                             bool maximize, bool decoupled) {
-  AdamHyper<T> h;
-  h.lr = static_cast<T>(a.lr);
-  h.beta1 = static_cast<T>(beta1);
-  h.beta2 = static_cast<T>(beta2);
-  h.one_minus_beta1 = static_cast<T>(1.0 - beta1);
-  h.one_minus_beta2 = static_cast<T>(1.0 - beta2);
-  h.eps = static_cast<T>(eps);
-  h.weight_decay = static_cast<T>(weight_decay);
-  h.inv_grad_scale = static_cast<T>(a.inv_grad_scale);
-  h.decoupled = decoupled;
-  h.maximize = maximize;
-  return h;
-}
-
 // Increments every step counter (in its own dtype, like torch's `step += 1`) and returns the
 // per-tensor scalars that follow from the new count.
 template <typename T>
-std::vector<AdamStepScalars<T>> advance_steps(at::TensorList state_steps, const AdamHyper<T>& h) {
-  std::vector<AdamStepScalars<T>> out(state_steps.size());
-  for (size_t i = 0; i < state_steps.size(); ++i) {
-    const at::Tensor& s = state_steps[i];
+std::vector<AdamStepScalars<T>> advance_steps(const Counters& counters, const AdamHyper<T>& h) {
+  const size_t n = counters.ptr.size();
+  std::vector<AdamStepScalars<T>> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kAheadImpl < n) __builtin_prefetch(counters.ptr[i + kAheadImpl], 1);
     T step;
-    if (s.scalar_type() == at::kFloat) {
-      float* c = s.data_ptr<float>();
-      *c += 1.0f;
+    if (counters.f64) {
+      double* c = static_cast<double*>(counters.ptr[i]);
+      *c += 1.0;
       step = static_cast<T>(*c);
     } else {
-      double* c = s.data_ptr<double>();
-      *c += 1.0;
+      float* c = static_cast<float*>(counters.ptr[i]);
+      *c += 1.0f;
       step = static_cast<T>(*c);
     }
     out[i] = optim::adam_step_scalars(h, h.lr, step);
@@ -525,13 +576,14 @@ std::vector<AdamStepScalars<T>> advance_steps(at::TensorList state_steps, const 
   return out;
 }
 
-void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+void fused_adam_cpu(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs,
+                    const TensorRefs& exp_avg_sqs, const TensorRefs& max_exp_avg_sqs, const TensorRefs& state_steps,
+                    double lr,
                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
                     double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fastreg::_fused_adam_";
-  std::vector<std::pair<const char*, at::TensorList>> lists = {
+  std::vector<std::pair<const char*, TensorRefs>> lists = {
       {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   std::vector<bool> written = {true, false, true, true};
   if (amsgrad) {
@@ -541,7 +593,8 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": amsgrad is off so max_exp_avg_sqs must be empty");
   }
   FlatGroup group(op, lists, written);
-  check_counters(op, "state_steps", state_steps, group.num_tensors(), {at::kFloat, at::kDouble});
+  const Counters counters =
+      counter_pointers(op, "state_steps", state_steps, group.num_tensors(), {at::kFloat, at::kDouble});
   const CommonArgs args = read_common_args(op, lr, lr_tensor, grad_scale, found_inf);
   if (args.skip) return;
 
@@ -549,8 +602,9 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   constexpr bool kWritten[5] = {true, false, true, true, true};
   with_math_type(group.dtype(), [&](auto zero) {
     using T = decltype(zero);
-    const auto h = make_adam_hyper<T>(args, beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay);
-    const auto scalars = advance_steps(state_steps, h);
+    const auto h = optim::make_adam_hyper<T>(args.lr, beta1, beta2, weight_decay, eps, args.inv_grad_scale, maximize,
+                                              decoupled_weight_decay);
+    const auto scalars = advance_steps(counters, h);
     run_pieces<T>(group, slots, kWritten, [&](int64_t i, T* const* a, int64_t k) {
       adam_span(a[0], a[1], a[2], a[3], a[4], k, h, scalars[i]);
     });
@@ -559,64 +613,93 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }
 
 // ADInplaceOrView kernel of both operators: after the update, bumps the version counter of every
-// tensor in a mutated (Tensor(a!)[]) argument, as ATen's in-place ops do, so that autograd notices
-// a graph that saved a parameter before the step.
+// parameter (the first argument), as ATen's in-place ops do, so that autograd notices a graph that
+// saved a parameter before the step. The state tensors are the optimizer's own and no graph sees
+// them; leaving their counters alone saves a cache miss per tensor, which is most of the cost of a
+// call with thousands of small tensors.
 void bump_versions_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const auto& schema = op.schema();
-  const size_t n = schema.arguments().size();
-  std::vector<c10::IValue> mutated;  // the mutated list arguments (a reference each, no tensor copies)
-  for (size_t i = 0; i < n; ++i) {
-    const c10::AliasInfo* alias = schema.arguments()[i].alias_info();
-    if (alias != nullptr && alias->isWrite()) mutated.push_back((*stack)[stack->size() - n + i]);
-  }
+  const size_t n = op.schema().arguments().size();
+  const c10::IValue params = (*stack)[stack->size() - n];  // a reference to the list, no tensor copies
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const c10::IValue& arg : mutated) {
-    if (arg.isTensorList()) {
-      for (const c10::IValue& t : arg.toListRef()) torch::autograd::increment_version(t.toTensor());
-    } else if (arg.isTensor()) {
-      torch::autograd::increment_version(arg.toTensor());
+  for (const c10::IValue& t : params.toListRef()) torch::autograd::increment_version(t.toTensor());
+}
+
+// ---- dispatcher entry points (boxed: the tensor lists are read in place from the stack) ------
+
+std::optional<at::Tensor> optional_tensor(const c10::IValue& v) {
+  return v.isNone() ? std::nullopt : std::optional<at::Tensor>(v.toTensor());
+}
+
+void fused_sgd_boxed(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  constexpr size_t kArgs = 13;
+  const auto a = torch::jit::last(*stack, kArgs);
+  fused_sgd_cpu(TensorRefs(a[0]), TensorRefs(a[1]), TensorRefs(a[2]), TensorRefs(a[3]), a[4].toDouble(),
+                optional_tensor(a[5]), a[6].toDouble(), a[7].toDouble(), a[8].toDouble(), a[9].toBool(),
+                a[10].toBool(), optional_tensor(a[11]), optional_tensor(a[12]));
+  torch::jit::drop(*stack, kArgs);
+}
+
+void fused_adam_boxed(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  constexpr size_t kArgs = 17;
+  const auto a = torch::jit::last(*stack, kArgs);
+  fused_adam_cpu(TensorRefs(a[0]), TensorRefs(a[1]), TensorRefs(a[2]), TensorRefs(a[3]), TensorRefs(a[4]),
+                 TensorRefs(a[5]), a[6].toDouble(), optional_tensor(a[7]), a[8].toDouble(), a[9].toDouble(),
+                 a[10].toDouble(), a[11].toDouble(), a[12].toBool(), a[13].toBool(), a[14].toBool(),
+                 optional_tensor(a[15]), optional_tensor(a[16]));
+  torch::jit::drop(*stack, kArgs);
+}
+
+// Sparse gradients reach this instead of the dense kernels (the dispatcher picks the sparse key
+// when any argument is sparse): fail with a clear message.
+void sparse_unsupported(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), " does not support sparse gradients (torch.optim.SparseAdam does)");
+}
+
+// Autograd kernel of both operators: the update is not differentiable and, like torch.optim's fused
+// kernels, runs under no_grad, where it simply goes on to the in-place/backend kernels (without the
+// generic fallback's walk over every tensor). With grad mode on, parameters that require grad are
+// refused, as ATen refuses in-place updates of leaves that require grad.
+void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    const size_t n = op.schema().arguments().size();
+    const TensorRefs params((*stack)[stack->size() - n]);
+    for (size_t i = 0; i < params.size(); ++i) {
+      TORCH_CHECK(!params[i].requires_grad(), op.schema().name(), ": params[", i,
+                  "] requires grad and grad mode is on; run the optimizer update under torch.no_grad()");
     }
   }
-}
-
-// Sparse gradients reach these instead of the dense kernels (the dispatcher picks the sparse key
-// when any argument is sparse): fail with a clear message.
-void fused_sgd_sparse(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
-                      const std::optional<at::Tensor>&, double, double, double, bool, bool,
-                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "fastreg::_fused_sgd_ does not support sparse gradients");
-}
-
-void fused_adam_sparse(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                       at::TensorList, double, const std::optional<at::Tensor>&, double, double, double, double, bool,
-                       bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "fastreg::_fused_adam_ does not support sparse gradients, please consider torch.optim.SparseAdam");
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
 }  // namespace optim_cpu
 }  // namespace fastreg
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
-  m.impl("_fused_sgd_", &fastreg::optim_cpu::fused_sgd_cpu);
-  m.impl("_fused_adam_", &fastreg::optim_cpu::fused_adam_cpu);
+  m.impl("_fused_sgd_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::fused_sgd_boxed>());
+  m.impl("_fused_adam_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::fused_adam_boxed>());
 }
 
-// The parameters and state are updated in place: bump their version counters (autograd then
-// notices a graph that saved a parameter before the step), for every backend.
+TORCH_LIBRARY_IMPL(fastreg, Autograd, m) {
+  m.impl("_fused_sgd_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::below_autograd>());
+  m.impl("_fused_adam_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::below_autograd>());
+}
+
+// The parameters are updated in place: bump their version counters (autograd then notices a graph
+// that saved a parameter before the step), for every backend.
 TORCH_LIBRARY_IMPL(fastreg, ADInplaceOrView, m) {
   m.impl("_fused_sgd_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::bump_versions_after>());
   m.impl("_fused_adam_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::bump_versions_after>());
 }
 
 TORCH_LIBRARY_IMPL(fastreg, SparseCPU, m) {
-  m.impl("_fused_sgd_", &fastreg::optim_cpu::fused_sgd_sparse);
-  m.impl("_fused_adam_", &fastreg::optim_cpu::fused_adam_sparse);
+  m.impl("_fused_sgd_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::sparse_unsupported>());
+  m.impl("_fused_adam_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::sparse_unsupported>());
 }
 
 TORCH_LIBRARY_IMPL(fastreg, SparseCUDA, m) {
-  m.impl("_fused_sgd_", &fastreg::optim_cpu::fused_sgd_sparse);
-  m.impl("_fused_adam_", &fastreg::optim_cpu::fused_adam_sparse);
+  m.impl("_fused_sgd_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::sparse_unsupported>());
+  m.impl("_fused_adam_", torch::CppFunction::makeFromBoxedFunction<&fastreg::optim_cpu::sparse_unsupported>());
 }

@@ -55,6 +55,21 @@ struct SgdHyper {
   bool maximize;
 };
 
+// From the operator's arguments (doubles, as torch.optim's Python computes 1 - dampening).
+template <typename T>
+inline SgdHyper<T> make_sgd_hyper(double lr, double momentum, double dampening, double weight_decay,
+                                  double inv_grad_scale, bool nesterov, bool maximize) {
+  SgdHyper<T> h;
+  h.neg_lr = static_cast<T>(-lr);
+  h.momentum = static_cast<T>(momentum);
+  h.one_minus_dampening = static_cast<T>(1.0 - dampening);
+  h.weight_decay = static_cast<T>(weight_decay);
+  h.inv_grad_scale = static_cast<T>(inv_grad_scale);
+  h.nesterov = nesterov;
+  h.maximize = maximize;
+  return h;
+}
+
 // One element. MOMENTUM: momentum != 0 (buf is then the momentum buffer); first: the buffer has
 // never been written (torch's `buf is None`): it becomes a copy of the gradient.
 template <bool MOMENTUM, typename T>
@@ -82,6 +97,24 @@ struct AdamHyper {
   bool decoupled;                        // AdamW
   bool maximize;
 };
+
+// From the operator's arguments (doubles, as torch.optim's Python computes 1 - beta).
+template <typename T>
+inline AdamHyper<T> make_adam_hyper(double lr, double beta1, double beta2, double weight_decay, double eps,
+                                    double inv_grad_scale, bool maximize, bool decoupled) {
+  AdamHyper<T> h;
+  h.lr = static_cast<T>(lr);
+  h.beta1 = static_cast<T>(beta1);
+  h.beta2 = static_cast<T>(beta2);
+  h.one_minus_beta1 = static_cast<T>(1.0 - beta1);
+  h.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+  h.eps = static_cast<T>(eps);
+  h.weight_decay = static_cast<T>(weight_decay);
+  h.inv_grad_scale = static_cast<T>(inv_grad_scale);
+  h.decoupled = decoupled;
+  h.maximize = maximize;
+  return h;
+}
 
 // What one tensor's update needs from its step count t (already incremented).
 template <typename T>

@@ -99,6 +99,13 @@ class FusedOptimizer(Optimizer):
                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         raise NotImplementedError
 
+    # The state list holding one-element per-parameter counters (Adam's step, SGD's momentum flag),
+    # and how to re-point a parameter's counter at a new tensor.
+    _COUNTERS: Optional[str] = None
+
+    def _set_counter(self, p: Tensor, counter: Tensor) -> None:
+        raise NotImplementedError
+
     # ---- cache ------------------------------------------------------------------------------
 
     def _reset_plans(self) -> None:
@@ -148,6 +155,26 @@ class FusedOptimizer(Optimizer):
             bucket.subsets[pattern] = sub
         return sub, [g for g in grads if g is not None]
 
+    def _pack_counters(self, bucket: _Bucket, sub: _Bucket) -> None:
+        """Makes the per-parameter counters of `sub` views of one tensor and hands the kernel that
+        tensor instead of n one-element tensors (thousands of tiny tensors cost far more to pass
+        and to touch than their values). The views are what the state holds (``state[p]["step"]``
+        stays a 0-d tensor); other cached subsets referenced the replaced counters and are dropped."""
+        counters = sub.lists.get(self._COUNTERS) if self._COUNTERS else None
+        if not counters or len(counters) < 2:
+            return
+        base = counters[0]._base
+        packed = (base is not None and base.dim() == 1 and base.numel() == len(counters) and base.is_contiguous()
+                  and all(t._base is base and t.storage_offset() == base.storage_offset() + i
+                          for i, t in enumerate(counters)))
+        if not packed:
+            base = torch.stack([t.reshape(()).to(counters[0].dtype) for t in counters])
+            for p, view in zip(sub.params, base.unbind(0)):
+                self._set_counter(p, view)
+            for key in [k for k, other in bucket.subsets.items() if other is not sub]:
+                del bucket.subsets[key]
+        sub.lists[self._COUNTERS] = [base]
+
     # ---- step -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -171,6 +198,7 @@ class FusedOptimizer(Optimizer):
                     sub = bucket.subsets.get(None)
                     if sub is None:
                         sub, _ = self._subset(group, bucket, grads)
+                        self._pack_counters(bucket, sub)
                         bucket.subsets[None] = sub  # the all-present pattern, looked up without a tuple
                 else:
                     sub, grads = self._subset(group, bucket, grads)

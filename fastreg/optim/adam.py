@@ -101,6 +101,11 @@ class Adam(FusedOptimizer):
 
     # ---- FusedOptimizer hooks --------------------------------------------------------------
 
+    _COUNTERS = "step"
+
+    def _set_counter(self, p: Tensor, counter: Tensor) -> None:
+        self.state[p]["step"] = counter
+
     def _state_lists(self, group: dict) -> tuple[str, ...]:
         if group["amsgrad"]:
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")

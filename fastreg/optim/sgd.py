@@ -116,6 +116,11 @@ class SGD(FusedOptimizer):
 
     # ---- FusedOptimizer hooks --------------------------------------------------------------
 
+    _COUNTERS = "momentum_started"
+
+    def _set_counter(self, p: Tensor, counter: Tensor) -> None:
+        self._momentum_started[p] = counter
+
     def _state_lists(self, group: dict) -> tuple[str, ...]:
         return ("momentum_buffer", "momentum_started") if group["momentum"] != 0 else ()
 
