@@ -62,6 +62,7 @@
 #include <optional>
 #include <string>
 
+#include "cuda/dtype_convert.cuh"
 #include "lce/lce_math.h"
 
 namespace fastreg {
@@ -76,31 +77,7 @@ constexpr int kMaxCluster = 8;    // portable cluster size limit
 constexpr int kMinBlocks = 2;     // 2 x 512 threads per SM: at most 64 registers per thread
 
 // ---------------------------------------------------------------------------------------------
-// dtype helpers
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// dtype helpers: csrc/cuda/dtype_convert.cuh
 
 __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }

@@ -42,6 +42,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/dtype_convert.cuh"
 #include "optim/optim_math.h"
 
 namespace fastreg {
@@ -68,30 +69,7 @@ constexpr size_t kReservedBytes = 256;  // the hyper-parameters and scalar point
 // ---------------------------------------------------------------------------------------------
 // Element types: storage S, math M (float, or double for double storage)
 
-template <typename S>
-struct MathOf {
-  using type = float;
-};
-template <>
-struct MathOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_math(float x) { return x; }
-__device__ __forceinline__ double to_math(double x) { return x; }
-__device__ __forceinline__ float to_math(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_math(__half x) { return __half2float(x); }
-
-template <typename S>
-__device__ __forceinline__ S from_math(typename MathOf<S>::type x);
-template <>
-__device__ __forceinline__ float from_math<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_math<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_math<__half>(float x) { return __float2half(x); }
+// (conversions: csrc/cuda/dtype_convert.cuh)
 
 // A one-element float32/float64 tensor read on the device.
 struct DeviceScalar {
@@ -165,7 +143,7 @@ __device__ __forceinline__ int locate(const Batch<kLists>& b, int64_t& begin, in
 // back for the lists in kWritten (bit l). 128-bit accesses when every list is 16-byte aligned.
 template <typename S, int kLists, unsigned kWritten, typename Op>
 __device__ __forceinline__ void apply_chunk(S* const (&ptr)[kLists], int64_t len, Op op) {
-  using M = typename MathOf<S>::type;
+  using M = typename AccOf<S>::type;
   constexpr int kVec = 16 / sizeof(S);
   uintptr_t bits = 0;
 #pragma unroll
@@ -181,11 +159,11 @@ __device__ __forceinline__ void apply_chunk(S* const (&ptr)[kLists], int64_t len
       for (int e = 0; e < kVec; ++e) {
         M x[kLists];
 #pragma unroll
-        for (int l = 0; l < kLists; ++l) x[l] = to_math(reinterpret_cast<const S*>(&raw[l])[e]);
+        for (int l = 0; l < kLists; ++l) x[l] = to_acc(reinterpret_cast<const S*>(&raw[l])[e]);
         op(x);
 #pragma unroll
         for (int l = 0; l < kLists; ++l) {
-          if (kWritten & (1u << l)) reinterpret_cast<S*>(&raw[l])[e] = from_math<S>(x[l]);
+          if (kWritten & (1u << l)) reinterpret_cast<S*>(&raw[l])[e] = from_acc<S>(x[l]);
         }
       }
 #pragma unroll
@@ -198,11 +176,11 @@ __device__ __forceinline__ void apply_chunk(S* const (&ptr)[kLists], int64_t len
   for (int64_t i = done + threadIdx.x; i < len; i += blockDim.x) {
     M x[kLists];
 #pragma unroll
-    for (int l = 0; l < kLists; ++l) x[l] = to_math(ptr[l][i]);
+    for (int l = 0; l < kLists; ++l) x[l] = to_acc(ptr[l][i]);
     op(x);
 #pragma unroll
     for (int l = 0; l < kLists; ++l) {
-      if (kWritten & (1u << l)) ptr[l][i] = from_math<S>(x[l]);
+      if (kWritten & (1u << l)) ptr[l][i] = from_acc<S>(x[l]);
     }
   }
 }
@@ -218,8 +196,8 @@ __device__ __forceinline__ void chunk_pointers(const Batch<kLists>& b, int t, in
 
 template <typename S, bool AMSGRAD>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(const __grid_constant__ Args<AMSGRAD ? 5 : 4, AdamHyper<typename MathOf<S>::type>> a) {
-  using M = typename MathOf<S>::type;
+    adam_kernel(const __grid_constant__ Args<AMSGRAD ? 5 : 4, AdamHyper<typename AccOf<S>::type>> a) {
+  using M = typename AccOf<S>::type;
   constexpr int kLists = AMSGRAD ? 5 : 4;
   if (skipped(a.sc.found_inf)) return;
   int64_t begin, len;
@@ -239,8 +217,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename S, bool MOMENTUM>
 __global__ void __launch_bounds__(kThreads)
-    sgd_kernel(const __grid_constant__ Args<MOMENTUM ? 3 : 2, SgdHyper<typename MathOf<S>::type>> a) {
-  using M = typename MathOf<S>::type;
+    sgd_kernel(const __grid_constant__ Args<MOMENTUM ? 3 : 2, SgdHyper<typename AccOf<S>::type>> a) {
+  using M = typename AccOf<S>::type;
   constexpr int kLists = MOMENTUM ? 3 : 2;
   if (skipped(a.sc.found_inf)) return;
   int64_t begin, len;
@@ -531,7 +509,7 @@ void fused_sgd_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std::
 
   dispatch_storage(g.dtype(), [&](auto zero) {
     using S = decltype(zero);
-    using M = typename MathOf<S>::type;
+    using M = typename AccOf<S>::type;
     // the kernels replace lr and the grad scale when those come as tensors
     const auto h = optim::make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, 1.0, nesterov, maximize);
     auto run = [&](auto momentum_tag) {
@@ -571,7 +549,7 @@ void fused_adam_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std:
 
   dispatch_storage(g.dtype(), [&](auto zero) {
     using S = decltype(zero);
-    using M = typename MathOf<S>::type;
+    using M = typename AccOf<S>::type;
     // the kernels replace lr and the grad scale when those come as tensors
     const auto h = optim::make_adam_hyper<M>(lr, beta1, beta2, weight_decay, eps, 1.0, maximize, decoupled_weight_decay);
     auto run = [&](auto amsgrad_tag) {

@@ -371,3 +371,14 @@ def human_bytes(n) -> str:
 def describe_exception(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg[:120]}"
+
+
+def sizes_to_run(explicit, all_sweeps: dict, chosen) -> dict:
+    """{size: [sweeps it belongs to]}: the explicit --sizes, or the chosen default sweeps, with a
+    size shared by two sweeps measured once."""
+    sweeps = {"custom": explicit} if explicit else {k: v for k, v in all_sweeps.items() if not chosen or k in chosen}
+    sizes: dict = {}
+    for sweep, shapes in sweeps.items():
+        for shape in shapes:
+            sizes.setdefault(tuple(shape), []).append(sweep)
+    return sizes

@@ -398,16 +398,8 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
     from . import plots
 
     dtype = C.parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    if args.lce_sizes:
-        sweeps = {"custom": args.lce_sizes}
-    else:
-        all_sweeps = default_sweeps(args.device, args.quick)
-        sweeps = {k: v for k, v in all_sweeps.items() if not args.sweep or k in args.sweep}
-    # a size shared by two sweeps is measured once
-    sizes: dict = {}
-    for sweep, shapes in sweeps.items():
-        for shape in shapes:
-            sizes.setdefault(tuple(shape), []).append(sweep)
+    sizes = C.sizes_to_run(args.lce_sizes, default_sweeps(args.device, args.quick), args.sweep)
+    sweeps = list(dict.fromkeys(s for names in sizes.values() for s in names))
     names = args.lce_providers
     if not sizes:
         return []

@@ -271,15 +271,8 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
     from . import plots
 
     dtype = C.parse_dtype(args.optim_dtype)
-    if args.optim_sizes:
-        sweeps = {"custom": args.optim_sizes}
-    else:
-        all_sweeps = default_sweeps(args.device, args.quick)
-        sweeps = {k: v for k, v in all_sweeps.items() if not args.sweep or k in args.sweep}
-    sizes: dict = {}
-    for sweep, shapes in sweeps.items():
-        for shape in shapes:
-            sizes.setdefault(tuple(shape), []).append(sweep)
+    sizes = C.sizes_to_run(args.optim_sizes, default_sweeps(args.device, args.quick), args.sweep)
+    sweeps = list(dict.fromkeys(s for names in sizes.values() for s in names))
     names = args.optim_providers
     if not sizes:
         return []
