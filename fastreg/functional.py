@@ -75,6 +75,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _gi, _gw, _gb):
     if grad_loss is None:  # grads are not materialised (see _setup_context): nothing flows back
         return (None,) * 12
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # backward(create_graph=True): the gradients below are not themselves differentiable, so a
+        # second-order term (e.g. a gradient penalty) would silently come out as zero.
+        raise RuntimeError("fastreg.linear_cross_entropy does not support double backward "
+                           "(create_graph=True); use the eager F.cross_entropy(F.linear(...)) for that")
     need_input, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     if ctx.reduction == 0:
         input, weight, target, bias, class_weight = ctx.saved_tensors
@@ -161,10 +166,13 @@ def linear_cross_entropy(
     if ignore_index is None:  # torch's F.linear_cross_entropy maps None to -100
         ignore_index = -100
     grad = torch.is_grad_enabled()
+    if grad and weight is not None and weight.requires_grad:
+        raise RuntimeError("fastreg.linear_cross_entropy is not differentiable with respect to argument 'weight' "
+                           "(the class weights), like F.cross_entropy: pass weight.detach()")
     output_mask = [grad and input.requires_grad, grad and linear_weight.requires_grad,
                    grad and linear_bias is not None and linear_bias.requires_grad]
     loss = torch.ops.fastreg.linear_cross_entropy(
-        input.reshape(-1, input.shape[-1]), linear_weight, target.reshape(-1), linear_bias, weight,
+        input.reshape(lead.numel(), input.shape[-1]), linear_weight, target.reshape(-1), linear_bias, weight,
         _REDUCTIONS[reduction], int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss),
         int(chunk_size or 0), output_mask)[0]
     return loss.reshape(lead) if reduction == "none" else loss

@@ -323,3 +323,37 @@ def test_backward_twice_with_retain_graph():
     (g1,) = torch.autograd.grad(loss, x, torch.tensor(2.0, dtype=torch.float64), retain_graph=True)
     (g2,) = torch.autograd.grad(loss, x, torch.tensor(3.0, dtype=torch.float64))
     torch.testing.assert_close(g2, g1 * 1.5)
+
+
+def test_double_backward_is_refused():
+    """create_graph=True would need second derivatives the op does not provide: refuse clearly
+    rather than return a gradient penalty's second-order term as zero."""
+    for reduction in ("mean", "none"):
+        case = make(4, 3, 5)
+        x = case["input"].requires_grad_()
+        loss = fastreg.linear_cross_entropy(x, case["linear_weight"], case["target"], reduction=reduction).sum()
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_masked_class_with_minus_inf_logit():
+    """A class masked by a -inf bias contributes nothing (float64 and float32), like torch."""
+    for dtype in (torch.float64, torch.float32):
+        case = make(6, 3, 5, dtype=dtype, bias=True)
+        case["linear_bias"][4] = float("-inf")
+        case["target"] = case["target"] % 4
+        for ls in (0.0,):
+            got = fastreg.linear_cross_entropy(**case, label_smoothing=ls)
+            torch.testing.assert_close(got, reference(**case, label_smoothing=ls))
+
+
+def test_zero_features():
+    case = make(4, 0, 3)
+    torch.testing.assert_close(fastreg.linear_cross_entropy(**case), reference(**case))
+
+
+def test_class_weights_requiring_grad_are_refused():
+    case = make(4, 3, 5, class_weight=True)
+    case["weight"].requires_grad_()
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        fastreg.linear_cross_entropy(**case)

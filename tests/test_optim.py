@@ -678,3 +678,17 @@ def test_cuda_graph_capture(name, cfg):
     assert_params_close(a, b, rtol=1e-6)
     if name == "Adam":
         assert all(float(oa.state[p]["step"]) == 7 for p in a)
+
+
+def test_sgd_without_momentum_keeps_no_state():
+    """Like torch.optim.SGD(momentum=0): no per-parameter state entry at all."""
+    import fastreg as _fr
+
+    p = torch.nn.Parameter(torch.randn(5))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, theirs = _fr.optim.SGD([p], lr=0.1), torch.optim.SGD([q], lr=0.1)
+    for param, opt in ((p, ours), (q, theirs)):
+        param.grad = torch.ones(5)
+        opt.step()
+    assert ours.state_dict()["state"] == theirs.state_dict()["state"] == {}
+    torch.testing.assert_close(p, q)

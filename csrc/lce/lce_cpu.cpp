@@ -175,7 +175,8 @@ double row_pass_f64(double* z, int64_t V, int64_t t, double scale, double eps, d
   for (int64_t c = 0; c < V; ++c) {
     if (cap) z[c] = softcap * std::tanh(z[c] / softcap);
     m = std::max(m, z[c]);
-    sum_wz += (cw ? cw[c] : 1.0) * z[c];
+    // only with label smoothing: a -inf logit (a masked class) must not turn 0 * inf into nan
+    if (eps != 0.0) sum_wz += (cw ? cw[c] : 1.0) * z[c];
   }
   double se = 0.0;
   for (int64_t c = 0; c < V; ++c) se += std::exp(z[c] - m);

@@ -147,7 +147,7 @@ class FusedOptimizer(Optimizer):
             names = self._state_lists(group)
             params = [p for p, has in zip(bucket.params, pattern) if has]
             lists: dict[str, list[Tensor]] = {name: [] for name in names}
-            for p in params:
+            for p in params if names else ():  # no state at all (SGD without momentum): like torch, no entry
                 tensors = self._init_state(p, self.state[p], group)
                 for name in names:
                     lists[name].append(tensors[name])
