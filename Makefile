@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY  := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: build test bench cuda-check gpu-check clean
+.PHONY: build test bench cuda-check gpu-check gpu-wheels clean
 
 build:
 	./scripts/bootstrap.sh
@@ -23,6 +23,11 @@ cuda-check: build
 # On the GPU box: build with CUDA, run the tests and the GPU benchmarks, logs + results to $$OUT.
 gpu-check:
 	./scripts/gpu_check.sh
+
+# Download the GPU competitors' wheels (pure Python) into .wheels/ (git-ignored) so that a device
+# run can carry them: run here, then `run` with carry [".wheels"] and `make gpu-check` there.
+gpu-wheels:
+	python3 -m pip download --no-deps -d .wheels liger-kernel
 
 clean:
 	rm -rf build fastreg/_C*.so *.egg-info

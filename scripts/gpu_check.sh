@@ -78,6 +78,15 @@ PY=$VENV/bin/python
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PYTHONUNBUFFERED=1
 "$PY" -c 'import torch, pytest; print("venv ok: torch", torch.__version__, "| pytest", pytest.__version__)' || record venv "FAILED (torch/pytest not importable)"
 
+# Competitors carried from a machine with internet (`make gpu-wheels`, then carry ".wheels"):
+# Liger-Kernel is pure Python on Triton, which the box has.
+if ls .wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-index .wheels/*.whl && echo "installed carried wheels: $(ls .wheels)" \
+    || echo "could not install the carried wheels in .wheels/"
+else
+  echo "no .wheels/ carried: Liger-Kernel / cut-cross-entropy comparisons will be n/a"
+fi
+
 # ---------------------------------------------------------------- 3. build
 step "build"
 export MAX_JOBS=${MAX_JOBS:-16}
