@@ -57,6 +57,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <initializer_list>
 #include <mutex>
 #include <cstdlib>
 #include <optional>
@@ -528,13 +529,37 @@ inline ModeOverride mode_override() {
   return o;
 }
 
+// Whether the cluster variants of the kernel hold real sm_90+ code on this device. A build without
+// sm_90 SASS runs JIT-compiled compute_8x PTX on an H100, where those variants are only __trap().
+template <typename T>
+bool cluster_code_present(int dev) {
+  static std::mutex mu;
+  static int8_t cache[64] = {};  // 0 unknown, 1 yes, -1 no
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache[dev] == 0) {
+    bool ok = true;
+    for (const void* k : {reinterpret_cast<const void*>(lce_rows_kernel<T, true, true>),
+                          reinterpret_cast<const void*>(lce_rows_kernel<T, false, true>)}) {
+      cudaFuncAttributes fa{};
+      if (cudaFuncGetAttributes(&fa, k) != cudaSuccess) {
+        (void)cudaGetLastError();
+        ok = false;
+      } else {
+        ok = ok && fa.ptxVersion >= 90;
+      }
+    }
+    cache[dev] = ok ? 1 : -1;
+  }
+  return cache[dev] > 0;
+}
+
 template <typename T>
 void launch_rows(RowArgs a, int dev, cudaStream_t stream) {
   constexpr int VEC = Pack<T>::N;
   const DeviceInfo& di0 = device_info(dev);
   const ModeOverride mo = mode_override();
   DeviceInfo di = di0;
-  if (mo.no_cluster) di.clusters = false;
+  if (mo.no_cluster || (di.clusters && !cluster_code_present<T>(dev))) di.clusters = false;
   const int64_t nvec = a.V / VEC;  // upper bound on any row's vector count
   // Shared memory left for the row cache: the opt-in maximum minus the kernel's static scratch.
   const int64_t static_smem = 34 * static_cast<int64_t>(sizeof(Stats<typename AccOf<T>::type>)) + 64;

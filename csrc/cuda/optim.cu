@@ -85,7 +85,7 @@ __device__ __forceinline__ M load(const DeviceScalar& s) {
 
 // found_inf set and nonzero: the step is skipped.
 __device__ __forceinline__ bool skipped(const DeviceScalar& found_inf) {
-  return found_inf.present() && load<float>(found_inf) != 0.0f;
+  return found_inf.present() && load<double>(found_inf) != 0.0;  // as the CPU kernel: no rounding to 0
 }
 
 // ---------------------------------------------------------------------------------------------
