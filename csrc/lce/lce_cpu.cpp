@@ -42,13 +42,15 @@ FR_INLINE vf loadu(const float* p) {
   return v;
 }
 FR_INLINE void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-// Lanes [0, n) from p, the rest `fill`.
+// Lanes [0, n) from p, the rest `fill` (n <= kW; a full vector is a plain load).
 FR_INLINE vf load_part(const float* p, int64_t n, float fill) {
+  if (n == kW) return loadu(p);
   alignas(64) float tmp[kW];
   for (int64_t i = 0; i < kW; ++i) tmp[i] = i < n ? p[i] : fill;
   return loadu(tmp);
 }
 FR_INLINE void store_part(float* p, vf v, int64_t n) {
+  if (n == kW) return storeu(p, v);
   alignas(64) float tmp[kW];
   storeu(tmp, v);
   for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
@@ -118,22 +120,22 @@ FR_INLINE float row_pass_f32(float* z, const RowArgs& a) {
   vf vm = ninf, vwz = splat(0.0f);
   for (int64_t c = 0; c < V; c += kW) {
     const int64_t n = std::min(kW, V - c);
-    vf x = n == kW ? loadu(z + c) : load_part(z + c, n, 0.0f);
+    vf x = load_part(z + c, n, 0.0f);
     if (kCap) {
       x = cap * vtanh(x * inv_cap);
-      if (n == kW) storeu(z + c, x); else store_part(z + c, x, n);
+      store_part(z + c, x, n);
     }
     vm = vmax(vm, n == kW ? x : (lanes < (vi{} + int32_t(n)) ? x : ninf));
-    if (want_wz) vwz += kW8 ? x * (n == kW ? loadu(a.cw + c) : load_part(a.cw + c, n, 0.0f)) : x;
+    if (want_wz) vwz += kW8 ? x * load_part(a.cw + c, n, 0.0f) : x;
   }
   const float m = hmax(vm);
   const float sum_wz = hsum(vwz);
-  // pass 2: sum_c exp(z_c - m)   (tail lanes hold -inf: exp gives ~1e-38 each, below float resolution)
+  // pass 2: sum_c exp(z_c - m)   (tail lanes hold -inf, whose exp is exactly 0)
   const vf vmx = splat(m);
   vf vs = splat(0.0f);
   for (int64_t c = 0; c < V; c += kW) {
     const int64_t n = std::min(kW, V - c);
-    vs += vexp((n == kW ? loadu(z + c) : load_part(z + c, n, -std::numeric_limits<float>::infinity())) - vmx);
+    vs += vexp(load_part(z + c, n, -std::numeric_limits<float>::infinity()) - vmx);
   }
   const float se = hsum(vs);
   const float lse = m + std::log(se);
@@ -146,15 +148,15 @@ FR_INLINE float row_pass_f32(float* z, const RowArgs& a) {
   const vf A = splat(k.A / se), B = splat(k.B);  // A p_c = (A / se) exp(z_c - m)
   for (int64_t c = 0; c < V; c += kW) {
     const int64_t n = std::min(kW, V - c);
-    vf x = n == kW ? loadu(z + c) : load_part(z + c, n, 0.0f);
+    vf x = load_part(z + c, n, 0.0f);
     vf g = A * vexp(x - vmx);
-    if (kW8) g -= B * (n == kW ? loadu(a.cw + c) : load_part(a.cw + c, n, 0.0f));
+    if (kW8) g -= B * load_part(a.cw + c, n, 0.0f);
     else g -= B;
     if (kCap) {
       vf r = x * inv_cap;
       g *= splat(1.0f) - r * r;
     }
-    if (n == kW) storeu(z + c, g); else store_part(z + c, g, n);
+    store_part(z + c, g, n);
   }
   z[a.target] -= k.C * (kCap ? softcap_grad_from_value(z_t, a.softcap) : 1.0f);
   return loss;
