@@ -453,7 +453,7 @@ MUTATIONS = {
     "tail_off_by_one": ("    if (last && tid < V - sp.tail_start) {\n      const int64_t c = sp.tail_start + tid;\n"
                         "      accumulate1(",
                         "    if (last && tid <= V - sp.tail_start) {\n      const int64_t c = sp.tail_start + tid;\n"
-                        "      accumulate1(", "out-of-bounds access 0 byte(s) past the end of buffer 'logits'"),
+                        "      accumulate1(", "out-of-bounds access 0 byte(s) past the end of buffer"),
     # the sum-exp partial exchanged with the wrong lane
     "wrong_shuffle_offset": ("o.s = __shfl_xor_sync(0xffffffffu, v.s, off);",
                              "o.s = __shfl_xor_sync(0xffffffffu, v.s, off >> 1);", "MISMATCH"),
@@ -485,27 +485,69 @@ def test_teeth():
     from concurrent.futures import ThreadPoolExecutor
     with tempfile.TemporaryDirectory(prefix="fastreg-simt-teeth-") as tmp:
         names = [None] + list(MUTATIONS)
+        runtime = simt_build.build_runtime_object(tmp)
 
-        def build(name):
+        def build_and_run(name):
             d = os.path.join(tmp, name or "control")
             os.makedirs(d)
-            return simt_build.build_kernel_library(_kernel_tree(d, name), d)
+            return _run_teeth(simt_build.build_kernel_library(_kernel_tree(d, name), d, runtime))
 
         with ThreadPoolExecutor(max_workers=2) as pool:
-            libs = list(pool.map(build, names))
-        control = _run_teeth(libs[0])
+            runs = dict(zip(names, pool.map(build_and_run, names)))
+        control = runs[None]
         assert control.returncode == 0 and "OK" in control.stdout, control.stdout + control.stderr
-        for name, lib in zip(names[1:], libs[1:]):
-            r = _run_teeth(lib)
+        for name in MUTATIONS:
+            r = runs[name]
             expected = MUTATIONS[name][2]
             assert r.returncode != 0, f"{name}: the harness passed a broken kernel\n{r.stdout}{r.stderr}"
             assert expected in r.stdout + r.stderr, f"{name}: {r.returncode}\n{r.stdout}{r.stderr}"
 
 
-def test_runtime_reports_barrier_errors():
-    """A kernel whose __syncthreads is skipped by some threads is an error, not a hang: the
-    runtime's own checks, through the extension's kernels (a rows mismatch in cluster size)."""
-    # a cluster strategy forced on a device without clusters is refused before any launch
-    logits, target, weight, scale = make_case(2, 100, torch.float32)
-    with pytest.raises(RuntimeError, match="cluster"):
-        simt_rows(logits, target, weight, scale, device="a100", strategy="cluster2-cached")
+# ---- the runtime itself -----------------------------------------------------------------------------
+ERRORS = {
+    "divergent_syncthreads": "__syncthreads() is not reached by every thread",
+    "shuffle_with_exited_lane": "which has exited",
+    "shuffle_outside_mask": "outside the mask",
+    "cluster_block_exits": "cluster.sync() is not reached by every block",
+    "traps": "__trap() called by thread (3,0,0)",
+    "dynamic_smem_overrun": "out-of-bounds write 0 byte(s) past the end of buffer 'dynamic shared memory'",
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_runtime_reports_errors_instead_of_hanging(name):
+    for schedule in ("forward", "reverse", "shuffle"):
+        msg = torch.ops.fastreg_simt._selftest(name, schedule)
+        assert msg.startswith("error:") and ERRORS[name] in msg, msg
+
+
+def _out(name, schedule="forward"):
+    msg = torch.ops.fastreg_simt._selftest(name, schedule)
+    assert msg.startswith("out="), msg
+    return [int(x) for x in msg[4:].split(",")]
+
+
+def test_runtime_warp_collectives_clusters_and_schedules():
+    for schedule in ("forward", "reverse", "shuffle"):
+        assert _out("half_warps", schedule) == [120] * 16 + [376] * 16   # 0+..+15, 16+..+31
+        assert _out("ballot_odd", schedule) == [int(0xAAAAAAAA) - 2**32] * 32
+        assert _out("cluster_ring", schedule)[:8] == [101, 102, 103, 100, 105, 106, 107, 104]
+    # an unsynchronised read of another thread's write: the schedules disagree, as a GPU may
+    assert _out("missing_barrier", "forward")[0] == 1 and _out("missing_barrier", "reverse")[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_runtime_conversions_round_to_nearest_even(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randn(100000, generator=g) * torch.logspace(-30, 30, 100000).float(),
+        torch.randn(20000, generator=g) * 1e-6,   # fp16 subnormals
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.0, 65520.0, 1 + 2**-8, 1 + 3 * 2**-8,
+                      1 + 2**-11, 1 + 3 * 2**-11, 2**-24, 2**-25, 3 * 2**-25, 3.4e38]),
+    ])
+    bits, back = torch.ops.fastreg_simt._convert(x, dtype)
+    want = x.to(dtype)
+    assert torch.equal(bits, want.view(torch.int16)), "bits differ from torch's round-to-nearest-even"
+    assert torch.equal(back, want.float())
+    nan_bits, nan_back = torch.ops.fastreg_simt._convert(torch.tensor([float("nan")]), dtype)
+    assert torch.isnan(nan_back).all()

@@ -70,6 +70,9 @@ def main():
                     print(f"MISMATCH {what}: loss err {rel_err(loss, loss_cpu):.3g}, grad err "
                           f"{rel_err(grad, grad_cpu):.3g} against the CPU kernel", flush=True)
                     failures += 1
+                if failures:
+                    print(f"{failures} mismatch(es)", flush=True)
+                    sys.exit(1)
                 if first is None:
                     first = (loss, grad)
                 elif not (torch.equal(first[0], loss) and torch.equal(first[1], grad)):
