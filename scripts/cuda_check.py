@@ -76,9 +76,11 @@ def main() -> int:
         print(msg, flush=True)
         return 0
 
-    # CUDAExtension's include paths need CUDA_HOME: the toolkit of the nvcc found here
-    os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     import torch.utils.cpp_extension as cpp_ext
+
+    # CUDAExtension's include paths need CUDA_HOME: without one, the toolkit of the nvcc found here
+    if cpp_ext.CUDA_HOME is None:
+        cpp_ext.CUDA_HOME = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
     setup_mod = load_setup_module()
     archs = os.environ.get("FASTREG_CUDA_CHECK_ARCHS", "80;90")

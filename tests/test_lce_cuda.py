@@ -39,17 +39,17 @@ import sys, torch
 import fastreg  # noqa: F401
 sys.path.insert(0, sys.argv[2])
 from test_lce_cuda import run_op
-args = torch.load(sys.argv[1])
-torch.save(run_op("cuda", *args), sys.argv[1])
+cases = torch.load(sys.argv[1])
+torch.save([run_op("cuda", *args) for args in cases], sys.argv[1])
 """
 
 
-def run_op_in_mode(mode, *args):
-    """run_op on CUDA with FASTREG_LCE_ROWS_MODE=mode (stream | nocluster | single), which the
-    kernel reads once per process: in a child process."""
+def run_ops_in_mode(mode, cases):
+    """run_op on CUDA for each argument tuple of `cases` with FASTREG_LCE_ROWS_MODE=mode (stream |
+    nocluster | single), which the kernel reads once per process: in one child process."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "io.pt")
-        torch.save(args, path)
+        torch.save(cases, path)
         env = dict(os.environ, FASTREG_LCE_ROWS_MODE=mode)
         subprocess.run([sys.executable, "-c", _MODE_CHILD, path, os.path.dirname(os.path.abspath(__file__))],
                        env=env, check=True)
@@ -81,13 +81,11 @@ def run_op(device, logits, target, weight, scale, ignore_index, eps, softcap, zl
     return loss.cpu(), lg.cpu()
 
 
-def check_case(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, mode=None):
+def check_case(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, result=None):
+    """result: the CUDA (loss, logits-after) computed elsewhere (run_ops_in_mode), else run here."""
     dtype = logits.dtype
     args = (target, weight, scale, IGNORE, eps, softcap, zloss, write_grad)
-    if mode:
-        loss_cu, out_cu = run_op_in_mode(mode, logits, *args)
-    else:
-        loss_cu, out_cu = run_op("cuda", logits, *args)
+    loss_cu, out_cu = result if result is not None else run_op("cuda", logits, *args)
     ref_loss, ref_grad = reference(logits, *args)
     assert rel_err(loss_cu, ref_loss) <= LOSS_TOL[dtype], (rel_err(loss_cu, ref_loss), loss_cu[:8], ref_loss[:8])
     ignored = ~((target != IGNORE) & (target >= 0) & (target < logits.shape[1]))
@@ -155,11 +153,16 @@ def test_each_option(name, V, dtype):
 
 # ---- every launch strategy of the kernel (cached/streaming x cluster/single CTA) -------------------
 @pytest.mark.parametrize("mode", [None, "stream", "nocluster", "single"])
-@pytest.mark.parametrize("V", [7, 4096 + 3, 32000, 131072 + 1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_launch_modes(mode, V, dtype):
-    logits, target, weight, scale = make_case(33, V, dtype, weights=True, ignore_frac=0.1, oob=True, seed=3)
-    check_case(logits, target, weight, scale, eps=0.05, softcap=20.0, zloss=1e-4, mode=mode)
+def test_launch_modes(mode):
+    cases = [make_case(33, V, dtype, weights=True, ignore_frac=0.1, oob=True, seed=3)
+             for V in (7, 4096 + 3, 32000, 131072 + 1) for dtype in (torch.float32, torch.bfloat16)]
+    opts = dict(eps=0.05, softcap=20.0, zloss=1e-4)
+    results = [None] * len(cases)
+    if mode:  # one child process runs every case in this mode
+        results = run_ops_in_mode(mode, [(lg, t, w, s, IGNORE, opts["eps"], opts["softcap"], opts["zloss"], True)
+                                         for lg, t, w, s in cases])
+    for case, result in zip(cases, results):
+        check_case(*case, **opts, result=result)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -167,7 +170,8 @@ def test_very_long_rows_stream(rows):
     # fp32 V=262144+5: a 1 MiB row, split over a cluster of 8 (cached) or streamed from L2.
     logits, target, weight, scale = make_case(rows, 262144 + 5, torch.float32, seed=4)
     check_case(logits, target, weight, scale, eps=0.1)
-    check_case(logits, target, weight, scale, eps=0.1, mode="single")
+    (single,) = run_ops_in_mode("single", [(logits, target, weight, scale, IGNORE, 0.1, 0.0, 0.0, True)])
+    check_case(logits, target, weight, scale, eps=0.1, result=single)
 
 
 def test_float64():

@@ -34,11 +34,17 @@ EXECUTED = collections.Counter()  # strategy -> harness launches, printed at the
 def simt(request):
     simt_build.load()
     yield torch.ops.fastreg_simt
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and EXECUTED:
-        reporter.write_line("")
-        reporter.write_line("SIMT harness: launch strategies executed (row pass launches): " +
-                            ", ".join(f"{k} x{v}" for k, v in sorted(EXECUTED.items())))
+    if EXECUTED:  # printed past pytest's output capture, so that every run shows it
+        line = "SIMT harness: launch strategies executed (row pass launches): " + ", ".join(
+            f"{k} x{v}" for k, v in sorted(EXECUTED.items()))
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if capture is not None and reporter is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line("")
+                reporter.write_line(line)
+        else:
+            print(line)
 
 
 def _bits(t):
@@ -53,7 +59,8 @@ def simt_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, wr
     loss = torch.full((logits.shape[0],), float("nan"), dtype=acc)
     name = torch.ops.fastreg_simt._lce_rows(lg, target, weight, scale, IGNORE, eps, softcap, zloss, write_grad, loss,
                                             device, strategy, schedule, seed)
-    EXECUTED[name] += 1
+    if name != "none":  # zero rows launch nothing
+        EXECUTED[name] += 1
     return loss, lg, name
 
 
