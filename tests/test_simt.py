@@ -4,7 +4,7 @@ and DSMEM emulated; out-of-bounds accesses trapped), launched by the real planne
 A100 description or with a forced strategy, against fastreg's CPU kernels and a float64 reference.
 
 What this proves and what it cannot: README, "The CUDA kernels in CI". The harness extension is
-built on first use (tests/simt/build.py, cached in build/simt).
+built on first use (tests/simt/simt_build.py, cached in build/simt).
 """
 import collections
 import os
@@ -20,7 +20,7 @@ from lce_cases import GRAD_TOL, IGNORE, LOSS_TOL, make_case, reference, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "simt"))
-import build as simt_build  # noqa: E402
+import simt_build  # noqa: E402
 
 CPU = torch.ops.fastreg
 STRATEGIES = ["single-cached", "single-streaming"] + [

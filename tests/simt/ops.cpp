@@ -1,5 +1,5 @@
 // Test-only torch operators torch.ops.fastreg_simt.*: fastreg's CUDA kernels executed by the CPU
-// SIMT runtime on CPU tensors (built by tests/simt/build.py for tests/test_simt.py).
+// SIMT runtime on CPU tensors (built by tests/simt/simt_build.py for tests/test_simt.py).
 //
 //   _lce_rows(<the arguments of fastreg::_lce_rows>, str device, str strategy, str schedule, int seed) -> str
 //       device: "h100" | "a100" (the planner's device description); strategy: "auto" (the plan
@@ -11,7 +11,8 @@
 //   _optim_batch_cap(int lists) -> int
 //   _selftest(str name, str schedule) -> str   runtime self-tests (selftest.cpp)
 //   _convert(Tensor x, ScalarType dtype) -> (bits, back)   the runtime's bf16/fp16 conversions
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <optional>

@@ -1,4 +1,4 @@
-"""Runs the row-pass kernel of a SIMT kernel library (tests/simt/build.py build_kernel_library)
+"""Runs the row-pass kernel of a SIMT kernel library (tests/simt/simt_build.py build_kernel_library)
 through ctypes on a few float32 cases, every schedule and three launch strategies, against
 fastreg's CPU kernel and across schedules (bit-identical). Used by the teeth test of
 tests/test_simt.py on mutated copies of the kernel source, in a subprocess (an out-of-bounds
