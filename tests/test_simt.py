@@ -253,6 +253,16 @@ def test_h100_and_a100_plans():
     assert plan("a100", 4096, 131072, strategy="single-cached").startswith("single-cached")
 
 
+@pytest.mark.parametrize("V,fallback", [(16384 + 5, "single-cached"), (262144 + 5, "single-streaming")])
+def test_cluster_that_cannot_be_placed_falls_back(V, fallback):
+    """The launcher's fallback when cudaOccupancyMaxActiveClusters says no: one CTA per row, cached
+    only if the whole row fits."""
+    logits, target, weight, scale = make_case(1, V, torch.float32, weights=True, seed=13)
+    assert plan("h100", 1, V) == "cluster8-cached"
+    assert check_rows(logits, target, weight, scale, eps=0.1, device="h100-unplaceable",
+                      schedules=("reverse",)) == fallback
+
+
 def _reachable_strategies():
     """Every strategy the planner picks over a sweep of shapes, with its smallest example."""
     found = {}
