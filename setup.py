@@ -6,6 +6,7 @@ Environment switches:
   FASTREG_CUDA_ARCHS       ';'-separated compute capabilities, default "80;90" (+PTX of the last)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
 """
+import ast
 import glob
 import os
 
@@ -15,6 +16,21 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def fastreg_version() -> str:
+    """The version, from its one place: fastreg/_version.py (pyproject.toml's dynamic version too)."""
+    with open(os.path.join(ROOT, "fastreg", "_version.py")) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and node.targets[0].id == "__version__":
+                return node.value.value
+    raise RuntimeError("no __version__ in fastreg/_version.py")
+
+
+def cuda_caps(archs: str | None = None) -> list[str]:
+    """FASTREG_CUDA_ARCHS (default "80;90") as a list of compute capabilities, e.g. ["80", "90"]."""
+    archs = archs or os.environ.get("FASTREG_CUDA_ARCHS", "80;90")
+    return [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
 
 
 def _want_cuda() -> bool:
@@ -27,8 +43,7 @@ def _want_cuda() -> bool:
 
 def cuda_gencode_flags(archs: str | None = None) -> list[str]:
     """-gencode flags for FASTREG_CUDA_ARCHS (default sm_80 and sm_90, plus PTX of the newest)."""
-    archs = archs or os.environ.get("FASTREG_CUDA_ARCHS", "80;90")
-    caps = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
+    caps = cuda_caps(archs)
     flags = []
     for cap in caps:
         flags += ["-gencode", f"arch=compute_{cap},code=sm_{cap}"]
@@ -52,13 +67,15 @@ def extensions():
     cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # build facts for csrc/module.cpp (no quotes or commas: it stringifies them, nvcc splits at commas)
+    macros = [("FASTREG_VERSION", fastreg_version())]
     if _want_cuda():
         return [
             CUDAExtension(
                 "fastreg._C",
                 cpp + cu,
                 include_dirs=include_dirs,
-                define_macros=[("FASTREG_WITH_CUDA", "1")],
+                define_macros=macros + [("FASTREG_WITH_CUDA", "1"), ("FASTREG_CUDA_ARCHS", "_".join(cuda_caps()))],
                 extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + cuda_gencode_flags()},
                 extra_link_args=["-fopenmp"],
             )
@@ -68,6 +85,7 @@ def extensions():
             "fastreg._C",
             cpp,
             include_dirs=include_dirs,
+            define_macros=macros,
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=["-fopenmp"],
         )
