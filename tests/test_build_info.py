@@ -84,3 +84,10 @@ def test_python_m_fastreg_prints_the_report():
     proc = run_python("-m", "fastreg", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["built_against_torch"] == _C.torch_version()
+
+
+def test_benchmark_provenance_records_the_build():
+    from fastreg.bench import bars, common, lce, optim
+    assert common.provenance("cpu")["fastreg_build"] == build_summary()
+    for columns in (lce.CSV_COLUMNS, optim.CSV_COLUMNS, bars.CSV_COLUMNS):
+        assert "fastreg_build" in columns
