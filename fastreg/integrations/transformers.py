@@ -14,7 +14,9 @@ How the data flows in a patched model's forward when labels are given:
       -> fastreg.linear_cross_entropy(hidden, lm_head.weight, shifted labels, softcap=...)
       <- the model's output with .loss set and .logits None
 
-Without labels the model runs unchanged (logits as usual, e.g. for ``generate``). The loss is
+Without labels the model runs unchanged (logits as usual, e.g. for ``generate``); so it does with
+labels under ``torch.no_grad()`` (``Trainer.evaluate``/``predict`` want the logits for metrics)
+unless ``apply(..., eval_logits=False)``. The loss is
 the one transformers computes (``ForCausalLMLoss``): labels shifted left by one, ``-100`` (or
 ``ignore_index``) ignored, ``shift_labels`` honoured, mean over the non-ignored tokens or, when
 Trainer passes ``num_items_in_batch`` (gradient accumulation), their sum divided by it. Tied
@@ -67,8 +69,9 @@ SUPPORTED_MODELS = {
 class _Options:
     """What ``apply`` was asked for, kept on the model (``model._fastreg_lce``)."""
 
-    def __init__(self, softcap_attr, z_loss, label_smoothing, chunk_size):
+    def __init__(self, softcap_attr, z_loss, label_smoothing, chunk_size, eval_logits):
         self.softcap_attr = softcap_attr
+        self.eval_logits = bool(eval_logits)
         self.z_loss = float(z_loss)
         self.label_smoothing = float(label_smoothing)
         self.chunk_size = chunk_size
@@ -92,6 +95,7 @@ def apply(
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
     chunk_size: Optional[int] = None,
+    eval_logits: bool = True,
 ) -> nn.Module:
     """Patch a transformers causal LM in place (and return it) so that ``model(..., labels=...)``
     computes its loss with :func:`fastreg.linear_cross_entropy` from the final hidden states and
@@ -102,6 +106,9 @@ def apply(
         z_loss: adds ``z_loss * logsumexp(logits)**2`` per token (PaLM's z-loss); 0 = the plain loss.
         label_smoothing: as in ``F.cross_entropy``; 0 = the plain loss.
         chunk_size: rows of logits computed at a time (default: fastreg's memory budget).
+        eval_logits: with labels but gradients disabled (``torch.no_grad()``, as in
+            ``Trainer.evaluate``), run the model unchanged so its logits are there for metrics;
+            ``False``: the fused loss and ``logits=None`` there too (only the loss is needed).
 
     Calling it again replaces the options; :func:`revert` undoes it.
     """
@@ -117,7 +124,7 @@ def apply(
         raise ValueError(f"fastreg.integrations.transformers.apply: label_smoothing must be in [0, 1], got {label_smoothing}")
     if z_loss < 0:
         raise ValueError(f"fastreg.integrations.transformers.apply: z_loss must be >= 0, got {z_loss}")
-    options = _Options(SUPPORTED_MODELS[name], z_loss, label_smoothing, chunk_size)
+    options = _Options(SUPPORTED_MODELS[name], z_loss, label_smoothing, chunk_size, eval_logits)
     if not is_applied(model):
         # Bound methods (not closures), so copy.deepcopy(model) re-binds them to the copy.
         model._fastreg_original_forward = model.forward
@@ -182,9 +189,10 @@ def _patched_forward(model: nn.Module, *args, **kwargs):
     for p in signature.parameters.values():
         if p.kind == inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(p.name, {}))
-    labels = arguments.pop("labels", None)
-    if labels is None:
+    labels = arguments.get("labels")
+    if labels is None or (model._fastreg_lce.eval_logits and not torch.is_grad_enabled()):
         return original(**arguments)
+    del arguments["labels"]
 
     return_dict = arguments.pop("return_dict", None)
     if return_dict is None:

@@ -133,14 +133,14 @@ def test_softcap_is_applied(name):
     # the configs' softcap must matter, or the equality above would not show it is handled
     model = make_model(name)
     input_ids, kwargs = make_batch("plain")
-    with torch.no_grad():
-        capped = model(input_ids, **kwargs).loss
-        model.config.final_logit_softcapping = None
-        uncapped = model(input_ids, **kwargs).loss
-        fhf.apply(model)
-        assert abs(model(input_ids, **kwargs).loss - uncapped) < 1e-5
-        model.config.final_logit_softcapping = 2.0
-        assert abs(model(input_ids, **kwargs).loss - capped) < 1e-5
+    capped = model(input_ids, **kwargs).loss.item()
+    model.config.final_logit_softcapping = None
+    uncapped = model(input_ids, **kwargs).loss.item()
+    fhf.apply(model)
+    assert abs(model(input_ids, **kwargs).loss.item() - uncapped) < 1e-5
+    model.config.final_logit_softcapping = 2.0
+    out = model(input_ids, **kwargs)
+    assert out.logits is None and abs(out.loss.item() - capped) < 1e-5
     assert abs(capped - uncapped) > 1e-2
 
 
@@ -159,24 +159,42 @@ def test_return_dict_false_positional_labels_and_shift_labels():
     ref = make_model("llama")
     model = fhf.apply(copy.deepcopy(ref))
     input_ids, kwargs = make_batch("padded")
+    want = ref(input_ids, **kwargs).loss.detach()
+    tup = model(input_ids, return_dict=False, **kwargs)
+    assert isinstance(tup, tuple) and torch.allclose(tup[0].detach(), want, rtol=1e-5, atol=1e-6)
+    assert not any(isinstance(t, torch.Tensor) and t.shape[-1:] == (VOCAB,) for t in tup)  # no logits
+    # labels passed by position (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
+    pos = model(input_ids, kwargs["attention_mask"], None, None, None, kwargs["labels"])
+    assert pos.logits is None
+    torch.testing.assert_close(pos.loss.detach(), want, rtol=1e-5, atol=1e-6)
+    # pre-shifted labels (context parallelism) take precedence, as in transformers
+    shifted = F.pad(kwargs["labels"], (0, 1), value=-100)[..., 1:]
+    got = model(input_ids, attention_mask=kwargs["attention_mask"], labels=kwargs["labels"] * 0,
+                shift_labels=shifted)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_under_no_grad_logits_stay_for_evaluation_unless_asked():
+    ref = make_model("llama")
+    model = fhf.apply(copy.deepcopy(ref))
+    input_ids, kwargs = make_batch("num_items")
     with torch.no_grad():
-        want = ref(input_ids, **kwargs).loss
-        tup = model(input_ids, return_dict=False, **kwargs)
-        assert isinstance(tup, tuple) and torch.allclose(tup[0], want, rtol=1e-5, atol=1e-6)
-        # labels passed by position (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
-        pos = model(input_ids, kwargs["attention_mask"], None, None, None, kwargs["labels"]).loss
-        torch.testing.assert_close(pos, want, rtol=1e-5, atol=1e-6)
-        # pre-shifted labels (context parallelism) take precedence, as in transformers
-        shifted = F.pad(kwargs["labels"], (0, 1), value=-100)[..., 1:]
-        got = model(input_ids, attention_mask=kwargs["attention_mask"], labels=kwargs["labels"] * 0,
-                    shift_labels=shifted).loss
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        want = ref(input_ids, **kwargs)
+        out = model(input_ids, **kwargs)  # e.g. Trainer.evaluate computing metrics from the logits
+        torch.testing.assert_close(out.logits, want.logits)
+        torch.testing.assert_close(out.loss, want.loss)
+        fhf.apply(model, eval_logits=False)
+        out = model(input_ids, **kwargs)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
 
 
 def test_fastreg_loss_options_match_their_definition():
     model = fhf.apply(make_model("gemma2"), z_loss=1e-2, label_smoothing=0.1)
     input_ids, kwargs = make_batch("padded")
     out = model(input_ids, **kwargs)
+    assert out.logits is None
     fhf.revert(model)
     with torch.no_grad():
         logits = model(input_ids, attention_mask=kwargs["attention_mask"]).logits[:, :-1].reshape(-1, VOCAB)
