@@ -23,6 +23,8 @@ Trainer passes ``num_items_in_batch`` (gradient accumulation), their sum divided
 input/output embeddings need nothing special: the head's weight *is* the embedding's parameter,
 so its gradient accumulates both uses. Gemma 2/3's final-logit softcap becomes fastreg's
 ``softcap``. Extra fastreg options: ``z_loss``, ``label_smoothing``, ``chunk_size``.
+In bf16/fp16 the loss value is fastreg's, in the input dtype (transformers reports it in fp32);
+the gradients come from fastreg's fp32 row pass and are as accurate as transformers' own.
 
 To also use fastreg's fused AdamW in ``Trainer`` (two lines)::
 
