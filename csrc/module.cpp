@@ -86,6 +86,13 @@ int openmp_threads() {
 
 }  // namespace
 
+// The same facts as plain text in the binary, for when it cannot be loaded at all (a torch with
+// another ABI: undefined symbols): fastreg/_C_loader.py then reads them from the file to say which
+// torch it was built against.
+extern "C" __attribute__((used, visibility("default"))) const char fastreg_build_stamp[] =
+    "fastreg-build-stamp: fastreg=" FASTREG_STR(FASTREG_VERSION) " torch=" FASTREG_STR(TORCH_VERSION_MAJOR) "." FASTREG_STR(
+        TORCH_VERSION_MINOR) "." FASTREG_STR(TORCH_VERSION_PATCH) ";";
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastreg's compiled library: operators in torch.ops.fastreg, build facts here";
   m.def("version", [] { return std::string(FASTREG_STR(FASTREG_VERSION)); }, "fastreg version this binary was built as");

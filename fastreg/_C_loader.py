@@ -4,22 +4,38 @@ Importing ``_C`` registers ``torch.ops.fastreg.*``. A binary built against anoth
 major.minor is refused with a message naming both versions: torch's C++ ABI changes between
 minor releases, so such a build would crash or misbehave instead of failing cleanly.
 """
+from __future__ import annotations
+
+import importlib.util
 import os
 import platform
+import re
 
 import torch
 
 from ._version import __version__
 
-try:
-    from . import _C  # registers torch.ops.fastreg.*
-except ImportError as e:  # pragma: no cover - only on a broken install
-    hint = ("fastreg's C++ extension is not built. From the repository root run `make build` "
-            "(or `pip install --no-build-isolation -e .`).")
-    if "undefined symbol" in str(e):
-        hint = (f"fastreg's C++ extension does not fit the running torch {torch.__version__} (it was probably "
-                f"built against another torch version); rebuild it with `make build` or reinstall fastreg.")
-    raise ImportError(hint) from e
+
+def built_torch_from_binary(path: str) -> str | None:
+    """The torch version a compiled fastreg library was built against, read from the file itself
+    (its build stamp, csrc/module.cpp) without loading it; None if there is none."""
+    try:
+        with open(path, "rb") as f:
+            m = re.search(rb"fastreg-build-stamp: fastreg=[^ ]+ torch=([0-9.]+);", f.read())
+    except OSError:
+        return None
+    return m.group(1).decode() if m else None
+
+
+def import_failure_message(error: ImportError, library: str | None) -> str:
+    """Why ``from . import _C`` failed, in words a user can act on."""
+    built = built_torch_from_binary(library) if library else None
+    if built is None:
+        return ("fastreg's C++ extension is not built or cannot be loaded. From the repository root run "
+                f"`make build` (or `pip install --no-build-isolation -e .`). ({error})")
+    if _major_minor(built) != _major_minor(torch.__version__):
+        return version_mismatch_message(built, torch.__version__)
+    return f"fastreg's C++ extension (built against torch {built}) cannot be loaded: {error}"
 
 
 def _major_minor(version: str) -> tuple:
@@ -30,10 +46,20 @@ def _major_minor(version: str) -> tuple:
 def check_torch_version(built: str, running: str) -> None:
     """Raise ImportError unless ``built`` and ``running`` torch versions share major.minor."""
     if _major_minor(built) != _major_minor(running):
-        raise ImportError(
-            f"fastreg was built against torch {built} but the running torch is {running}: "
+        raise ImportError(version_mismatch_message(built, running))
+
+
+def version_mismatch_message(built: str, running: str) -> str:
+    return (f"fastreg was built against torch {built} but the running torch is {running}: "
             f"torch's C++ ABI differs between minor versions. Rebuild fastreg against torch {running} "
             f"(`make build`, or `pip install --no-build-isolation .`), or install torch {built}.")
+
+
+try:
+    from . import _C  # registers torch.ops.fastreg.*
+except ImportError as e:
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    raise ImportError(import_failure_message(e, spec.origin if spec else None)) from e
 
 
 check_torch_version(_C.torch_version(), torch.__version__)

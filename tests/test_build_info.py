@@ -10,7 +10,7 @@ import torch
 
 import fastreg
 from fastreg import _C
-from fastreg._C_loader import build_summary, check_torch_version
+from fastreg._C_loader import build_summary, built_torch_from_binary, check_torch_version, import_failure_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,6 +70,22 @@ def test_import_refuses_a_mismatched_torch():
     assert proc.returncode != 0
     msg = proc.stderr.strip().splitlines()[-1]
     assert msg.startswith("ImportError") and "2.99.1" in msg and _C.torch_version() in msg, proc.stderr[-2000:]
+
+
+def test_a_binary_that_cannot_load_still_names_its_torch(monkeypatch, tmp_path):
+    # built against another torch ABI, `from . import _C` fails with undefined symbols before any
+    # Python code of the module runs: the loader reads the build stamp from the file instead
+    assert built_torch_from_binary(_C.__file__) == _C.torch_version()
+    err = ImportError(f"{_C.__file__}: undefined symbol: _ZN3c1015SmallVectorBaseIjE8grow_podEPKvmm")
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    msg = import_failure_message(err, _C.__file__)
+    assert "built against torch " + _C.torch_version() in msg and "running torch is 2.99.0" in msg
+    not_built = import_failure_message(ImportError("No module named 'fastreg._C'"), None)
+    assert "make build" in not_built
+    stampless = tmp_path / "_C.so"
+    stampless.write_bytes(b"\x7fELF no stamp here")
+    assert built_torch_from_binary(str(stampless)) is None
+    assert "make build" in import_failure_message(err, str(stampless))
 
 
 def test_python_m_fastreg_prints_the_report():
