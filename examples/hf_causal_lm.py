@@ -3,13 +3,13 @@
     from fastreg.integrations import transformers as fastreg_hf
     fastreg_hf.apply(model)      # model(input_ids, labels=labels).loss never materialises the logits
 
-A tiny randomly initialised Llama (2 layers, hidden 128; 64 with --fast) with a Llama-2-sized vocabulary (32,000)
-learns a short built-in text, byte by byte, for a few steps twice: unpatched and patched, from the
-same initial weights on the same batches. The script prints both loss curves (they agree), the
-median time of a training step and the peak extra memory of one (each measured in a fresh process
-on the CPU: peak RSS; on a GPU: the CUDA allocator's peak). With a real vocabulary the logits
-(tokens x 32,000 floats, plus their softmax and gradient) dominate that memory; patched, they are
-never stored whole.
+A tiny randomly initialised Llama (2 layers, hidden 128; 64 with --fast) with a Llama-2-sized
+vocabulary (32,000) learns a short built-in text, byte by byte, for a few steps twice: unpatched
+and patched, from the same initial weights on the same batches. The script prints both loss
+curves (they agree), the median time of a training step (the two runs interleaved step by step)
+and the peak extra memory of one (each measured in a fresh process on the CPU: peak RSS; on a GPU:
+the CUDA allocator's peak). With a real vocabulary the logits (tokens x 32,000 floats, plus their
+softmax and gradient) dominate that memory; patched, they are never stored whole.
 
     python examples/hf_causal_lm.py            # 8 sequences x 256 bytes, 20 steps
     python examples/hf_causal_lm.py --fast     # 4 x 64, 5 steps, hidden 64 (used by the tests)
@@ -61,24 +61,29 @@ def batches(batch: int, seq: int, steps: int, device: str):
     return out
 
 
-def train(patched: bool, batch: int, seq: int, steps: int, hidden: int, device: str):
-    model = make_model(device, hidden)
-    if patched:
-        fastreg_hf.apply(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses, times = [], []
-    for ids in batches(batch, seq, steps, device):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())  # also waits for the GPU
-        times.append(time.perf_counter() - t0)
-        assert out.logits is None if patched else out.logits is not None
-    return losses, times
+def train_both(batch: int, seq: int, steps: int, hidden: int, device: str) -> dict:
+    """Both models side by side on the same batches, their steps interleaved (alternating which
+    goes first) so that a busy machine slows both alike. Returns {name: (losses, step seconds)}."""
+    runs = {}
+    for name in ("unpatched", "patched"):
+        model = make_model(device, hidden)
+        if name == "patched":
+            fastreg_hf.apply(model)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=3e-3), [], [])
+    for i, ids in enumerate(batches(batch, seq, steps, device)):
+        for name in (("unpatched", "patched") if i % 2 == 0 else ("patched", "unpatched")):
+            model, opt, losses, times = runs[name]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            losses.append(out.loss.item())  # also waits for the GPU
+            times.append(time.perf_counter() - t0)
+            assert (out.logits is None) == (name == "patched")
+    return {name: (losses, times) for name, (_, _, losses, times) in runs.items()}
 
 
 def peak_extra_memory(patched: bool, batch: int, seq: int, hidden: int, device: str) -> int:
@@ -106,9 +111,7 @@ def main() -> None:
     tokens = batch * seq
     print(f"tiny Llama (2 layers, hidden {hidden}, vocabulary {VOCAB}) on {len(TEXT.encode())} bytes of text, "
           f"{batch} x {seq} = {tokens} tokens per step, {steps} steps, device {args.device}")
-    runs = {}
-    for name in ("unpatched", "patched"):
-        runs[name] = train(name == "patched", batch, seq, steps, hidden, args.device)
+    runs = train_both(batch, seq, steps, hidden, args.device)
     print("\nstep  loss unpatched  loss patched (fastreg)")
     for i, (a, b) in enumerate(zip(runs["unpatched"][0], runs["patched"][0])):
         print(f"{i + 1:4d}  {a:14.4f}  {b:12.4f}")
