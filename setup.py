@@ -6,6 +6,7 @@ Environment switches:
   FASTREG_CUDA_ARCHS       ';'-separated compute capabilities, default "80;90" (+PTX of the last)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
 """
+import ast
 import glob
 import os
 
@@ -15,6 +16,21 @@ import torch
 from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def fastreg_version() -> str:
+    """The version, from its one place: fastreg/_version.py (pyproject.toml's dynamic version too)."""
+    with open(os.path.join(ROOT, "fastreg", "_version.py")) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and node.targets[0].id == "__version__":
+                return node.value.value
+    raise RuntimeError("no __version__ in fastreg/_version.py")
+
+
+def cuda_caps(archs: str | None = None) -> list[str]:
+    """FASTREG_CUDA_ARCHS (default "80;90") as a list of compute capabilities, e.g. ["80", "90"]."""
+    archs = archs or os.environ.get("FASTREG_CUDA_ARCHS", "80;90")
+    return [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
 
 
 def _want_cuda() -> bool:
@@ -27,8 +43,7 @@ def _want_cuda() -> bool:
 
 def cuda_gencode_flags(archs: str | None = None) -> list[str]:
     """-gencode flags for FASTREG_CUDA_ARCHS (default sm_80 and sm_90, plus PTX of the newest)."""
-    archs = archs or os.environ.get("FASTREG_CUDA_ARCHS", "80;90")
-    caps = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
+    caps = cuda_caps(archs)
     flags = []
     for cap in caps:
         flags += ["-gencode", f"arch=compute_{cap},code=sm_{cap}"]
@@ -46,8 +61,13 @@ NVCC_FLAGS = [
     "-lineinfo",
 ]
 CXX_FLAGS = ["-O3", "-std=c++20", "-Wno-psabi", "-fopenmp", "-fopenmp-simd", "-fvisibility=hidden"]
-CUDA_DEFINES = [("FASTREG_WITH_CUDA", "1")]
 EXTENSION_NAME = "fastreg._C"
+
+
+def cuda_defines(archs: str | None = None) -> list[tuple[str, str]]:
+    """The extension's defines when it is built with CUDA (build facts for csrc/module.cpp included)."""
+    return [("FASTREG_VERSION", fastreg_version()), ("FASTREG_WITH_CUDA", "1"),
+            ("FASTREG_CUDA_ARCHS", "_".join(cuda_caps(archs)))]
 
 
 def nvcc_compile_flags(archs: str | None = None) -> list[str]:
@@ -56,7 +76,7 @@ def nvcc_compile_flags(archs: str | None = None) -> list[str]:
     extension's defines, NVCC_FLAGS, the -gencode flags), without include paths. One list shared
     with scripts/cuda_check.py, so that `make cuda-check` compiles exactly what the build compiles."""
     return (list(COMMON_NVCC_FLAGS) + ["-Xcompiler", "-fPIC"]
-            + [f"-D{k}={v}" for k, v in CUDA_DEFINES]
+            + [f"-D{k}={v}" for k, v in cuda_defines(archs)]
             + ["-DTORCH_API_INCLUDE_EXTENSION_H", f"-DTORCH_EXTENSION_NAME={EXTENSION_NAME.rsplit('.', 1)[-1]}"]
             + NVCC_FLAGS + cuda_gencode_flags(archs))
 
@@ -71,16 +91,18 @@ def extensions():
                 EXTENSION_NAME,
                 cpp + cu,
                 include_dirs=include_dirs,
-                define_macros=CUDA_DEFINES,
+                define_macros=cuda_defines(),
                 extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + cuda_gencode_flags()},
                 extra_link_args=["-fopenmp"],
             )
         ]
     return [
         CppExtension(
-            "fastreg._C",
+            EXTENSION_NAME,
             cpp,
             include_dirs=include_dirs,
+            # build facts for csrc/module.cpp (no quotes or commas: it stringifies them, nvcc splits at commas)
+            define_macros=[("FASTREG_VERSION", fastreg_version())],
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=["-fopenmp"],
         )

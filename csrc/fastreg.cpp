@@ -5,17 +5,11 @@
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
+//   module fastreg._C (build info)       csrc/module.cpp (pybind11)                             fastreg/_C_loader.py
 //
-// The module `fastreg._C` itself is empty: importing it loads this library, whose static
-// initialisers register the operators with the dispatcher.
-#include <Python.h>
+// Importing `fastreg._C` loads this library, whose static initialisers register the operators
+// with the dispatcher.
 #include <torch/library.h>
-
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastreg operators (see torch.ops.fastreg)", -1,
-                                          nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(fastreg, m) {
   // ---- fused linear -> softmax -> cross-entropy ---------------------------------------------

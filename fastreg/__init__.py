@@ -3,13 +3,15 @@
     import fastreg
     loss = fastreg.linear_cross_entropy(hidden, lm_head.weight, labels)
 
-Submodules: ``fastreg.nn`` (modules), ``fastreg.optim`` (SGD, Adam, AdamW), ``fastreg.bench``.
+Submodules: ``fastreg.nn`` (modules), ``fastreg.optim`` (SGD, Adam, AdamW), ``fastreg.bench``,
+``fastreg.integrations.transformers`` (one-line Hugging Face patch). ``python -m fastreg``
+prints how this fastreg was built (``fastreg.build_info()``).
 The operators themselves are ``torch.ops.fastreg.*`` (schemas in csrc/fastreg.cpp).
 """
-from ._C_loader import has_cuda_kernels  # noqa: F401  (loads the operator library first)
+from ._version import __version__  # noqa: F401
+from ._C_loader import build_info, has_cuda_kernels  # noqa: F401  (loads the operator library first)
 from .functional import linear_cross_entropy  # noqa: F401
 from . import nn  # noqa: F401
 from . import optim  # noqa: F401
 
-__version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "nn", "optim", "has_cuda_kernels"]
+__all__ = ["linear_cross_entropy", "nn", "optim", "has_cuda_kernels", "build_info"]

@@ -28,6 +28,11 @@ if [ ! -f "$VENV/.deps-ok" ]; then
   "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
   touch "$VENV/.deps-ok"
 fi
+# wheel building (`python -m build`, tests/test_wheel.py) and the Hugging Face integration's tests
+# (the optional `fastreg[transformers]` extra); checked apart so an existing venv picks them up too
+if ! "$VPY" -c 'import build, transformers, accelerate' 2>/dev/null; then
+  "$VPY" -m pip install -q build "transformers>=4.46" "accelerate>=0.26"
+fi
 # incremental (re)build of fastreg._C in place
 "$VPY" setup.py -q build_ext --inplace 2>&1 | grep -v -E "^(running|copying|building|creating|Emitting ninja)" || true
 "$VPY" -c 'import fastreg, torch; print("[bootstrap] fastreg", fastreg.__version__, "| torch", torch.__version__, "| cuda kernels:", fastreg.has_cuda_kernels())'

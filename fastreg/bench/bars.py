@@ -95,8 +95,8 @@ def _optim_bars(crit: Criteria, rows: list, cfg: optim.OptimConfig, device: str)
 
 CRIT_COLUMNS = [("bar", "bar"), ("metric", "metric"), ("value", lambda r: C.fmt(r.get("value"), ".3f")),
                 ("target", "target"), ("result", "result"), ("note", lambda r: (r.get("note") or "")[:50])]
-CSV_COLUMNS = ["date", "device", "device_name", "torch", "cuda", "fastreg_commit", "python", "loadavg", "bar",
-               "metric", "value", "target", "result", "note"]
+CSV_COLUMNS = ["date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "loadavg",
+               "bar", "metric", "value", "target", "result", "note"]
 
 
 def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:

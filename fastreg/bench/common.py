@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .._C_loader import build_summary
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
@@ -85,6 +87,7 @@ def provenance(device: str) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "",
         "fastreg_commit": git_commit(),
+        "fastreg_build": build_summary(),  # version, built-against torch, CPU path, threads, CUDA archs
         "python": platform.python_version(),
         # 1-minute load average when the run started: timings are only meaningful near 0
         "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
@@ -250,6 +253,14 @@ def rss_peak_extra_bytes(step: Callable[[], object], reset: Callable[[], None]) 
     peak = _proc_status_kib("VmHWM")
     return {"peak_extra_bytes": max(0, peak - base) * 1024, "hwm_reset": hwm_reset,
             "baseline_rss_bytes": base * 1024}
+
+
+def peak_extra_bytes(step: Callable[[], object], reset: Callable[[], None], device: str) -> int:
+    """Peak extra bytes of one ``step`` by this device's method (CPU: call it in a fresh child)."""
+    if device == "cuda":
+        step()  # warm-up
+        return cuda_peak_extra_bytes(step, reset)
+    return rss_peak_extra_bytes(step, reset)["peak_extra_bytes"]
 
 
 CHILD_MARK = "FASTREG_BENCH_CHILD "
