@@ -1,8 +1,7 @@
 // Storage <-> maths conversions shared by fastreg's CUDA kernels: float, bfloat16 and half are
 // computed in float, double in double.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda/device_compat.cuh"
 
 namespace fastreg {
 

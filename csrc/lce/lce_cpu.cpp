@@ -55,10 +55,10 @@ FR_INLINE void store_part(float* p, vf v, int64_t n) {
   storeu(tmp, v);
   for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
 }
-FR_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+FR_INLINE vf vmax(vf a, vf b) { return nan_max(a, b); }
 FR_INLINE float hmax(vf v) {
   float m = v[0];
-  for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < kW; ++i) m = nan_max(m, float(v[i]));
   return m;
 }
 FR_INLINE float hsum(vf v) {
@@ -176,7 +176,7 @@ double row_pass_f64(double* z, int64_t V, int64_t t, double scale, double eps, d
   double m = -std::numeric_limits<double>::infinity(), sum_wz = 0.0;
   for (int64_t c = 0; c < V; ++c) {
     if (cap) z[c] = softcap * std::tanh(z[c] / softcap);
-    m = std::max(m, z[c]);
+    m = nan_max(m, z[c]);
     // only with label smoothing: a -inf logit (a masked class) must not turn 0 * inf into nan
     if (eps != 0.0) sum_wz += (cw ? cw[c] : 1.0) * z[c];
   }

@@ -17,6 +17,14 @@
 
 namespace fastreg {
 
+// The running max of a row, NaN-propagating like torch.max: a NaN logit makes the row's max, lse,
+// loss and gradient NaN in every kernel (CPU and CUDA alike), whatever order the max is taken in.
+// T may be a GCC vector type (the CPU kernel's SIMD lanes).
+template <typename T>
+FASTREG_HD T nan_max(T acc, T x) {
+  return (x > acc) | (x != x) ? x : acc;
+}
+
 template <typename T>
 FASTREG_HD T lce_row_loss(T lse, T z_t, T w_t, T sum_wz, T w_sum, T eps, int64_t V, T zloss) {
   const T inv_v = T(1) / T(V);

@@ -1,0 +1,160 @@
+// The CUDA row pass (csrc/cuda/lce_rows_kernels.cuh, unchanged) on the CPU SIMT runtime, launched
+// by the same plan as the real launcher (csrc/cuda/lce_rows_plan.h) for a described device.
+//
+// C interface (used by the torch op in ops.cpp and, through ctypes, by the teeth test, which
+// builds this file against a mutated copy of the kernel source): every buffer is copied into a
+// guarded allocation (same address mod 16, so the kernel takes the same aligned/misaligned path)
+// for the launch, and the written ones are copied back.
+#include "simt_harness.h"
+#include "staged.h"
+
+#include "cuda/lce_rows_kernels.cuh"
+#include "cuda/lce_rows_plan.h"
+
+#include <cstdio>
+#include <string>
+
+namespace {
+
+using fastreg::lce_cuda::DeviceDesc;
+using fastreg::lce_cuda::RowArgs;
+using fastreg::lce_cuda::RowPlan;
+using fastreg::lce_cuda::RowPolicy;
+
+DeviceDesc device_by_name(const std::string& name) {
+  if (name == "h100") return fastreg::lce_cuda::h100_desc();
+  if (name == "a100") return fastreg::lce_cuda::a100_desc();
+  throw simt::Error("unknown device description '" + name + "' (h100, a100)");
+}
+
+// "auto" (the planner's choice), "single-cached", "single-streaming", "cluster{2,4,8}-{cached,streaming}".
+RowPolicy policy_by_name(const std::string& s) {
+  RowPolicy p;
+  if (s == "auto") return p;
+  const size_t dash = s.find('-');
+  if (dash == std::string::npos) throw simt::Error("unknown strategy '" + s + "'");
+  const std::string shape = s.substr(0, dash), mode = s.substr(dash + 1);
+  if (shape == "single") {
+    p.force_k = 1;
+  } else if (shape == "cluster2" || shape == "cluster4" || shape == "cluster8") {
+    p.force_k = shape[7] - '0';
+  } else {
+    throw simt::Error("unknown strategy '" + s + "'");
+  }
+  if (mode != "cached" && mode != "streaming") throw simt::Error("unknown strategy '" + s + "'");
+  p.force_cached = mode == "cached" ? 1 : 0;
+  return p;
+}
+
+template <typename T>
+std::string run_typed(RowArgs a, const DeviceDesc& d, const RowPolicy& pol, simt::Schedule sched, uint64_t seed) {
+  constexpr int VEC = fastreg::lce_cuda::Pack<T>::N;
+  const int64_t static_smem = fastreg::lce_cuda::row_static_smem<T>();
+  const RowPlan p = fastreg::lce_cuda::plan_rows(d, a.rows, a.V / VEC, a.write_grad, static_smem, pol);
+  if (p.K > 1 && !(d.clusters && d.cc >= 90)) throw simt::Error("a cluster plan on a device without clusters");
+  if (p.cached && p.smem + static_smem > d.smem_optin) {
+    throw simt::Error("the plan's shared memory exceeds the device's opt-in limit");
+  }
+  a.K = p.K;
+  simt::LaunchConfig cfg;
+  cfg.grid = dim3(static_cast<unsigned>(a.rows * p.K));
+  cfg.block = dim3(static_cast<unsigned>(p.threads));
+  cfg.dynamic_smem = static_cast<size_t>(p.smem);
+  cfg.cluster = static_cast<unsigned>(p.K);
+  cfg.schedule = sched;
+  cfg.seed = seed;
+  using fastreg::lce_cuda::lce_rows_kernel;
+  if (p.K > 1) {
+    simt::launch_kernel(cfg, p.cached ? lce_rows_kernel<T, true, true> : lce_rows_kernel<T, false, true>, a);
+  } else {
+    simt::launch_kernel(cfg, p.cached ? lce_rows_kernel<T, true, false> : lce_rows_kernel<T, false, false>, a);
+  }
+  return fastreg::lce_cuda::strategy_name(p);
+}
+
+}  // namespace
+
+extern "C" int simt_lce_rows(const SimtLceCall* c, char* msg, int msg_len) {
+  try {
+    const size_t elem = c->dtype == kSimtF64 ? 8 : (c->dtype == kSimtF32 ? 4 : 2);
+    const size_t tgt = c->target_i32 ? 4 : 8;
+    const int64_t rows = c->rows, V = c->V;
+    simt_harness::Staged logits(c->logits, static_cast<size_t>(rows * V) * elem, true, "logits");
+    simt_harness::Staged target(c->target, static_cast<size_t>(rows) * tgt, false, "target");
+    simt_harness::Staged weight(c->weight, c->weight ? static_cast<size_t>(V) * (c->weight_f64 ? 8 : 4) : 0, false,
+                                "class_weight");
+    simt_harness::Staged scale(c->scale, static_cast<size_t>(c->scale_per_row ? rows : 1) * (c->scale_f64 ? 8 : 4),
+                               false, "row_scale");
+    simt_harness::Staged loss(c->loss, static_cast<size_t>(rows) * (c->loss_f64 ? 8 : 4), true, "loss_rows");
+    RowArgs a{};
+    a.logits = logits.device();
+    a.target = target.device();
+    a.weight = weight.device();
+    a.scale = scale.device();
+    a.loss = loss.device();
+    a.rows = rows;
+    a.V = V;
+    a.ignore_index = c->ignore_index;
+    a.scale_stride = c->scale_per_row ? 1 : 0;
+    a.eps = c->label_smoothing;
+    a.softcap = c->softcap;
+    a.zloss = c->z_loss;
+    a.K = 1;
+    a.target_i32 = c->target_i32 != 0;
+    a.weight_f64 = c->weight_f64 != 0;
+    a.scale_f64 = c->scale_f64 != 0;
+    a.loss_f64 = c->loss_f64 != 0;
+    a.write_grad = c->write_grad != 0;
+    std::string name = "none";
+    if (rows > 0) {
+      const DeviceDesc d = device_by_name(c->device);
+      const RowPolicy pol = policy_by_name(c->strategy);
+      const simt::Schedule sched = simt::parse_schedule(c->schedule);
+      switch (c->dtype) {
+        case kSimtF32:
+          name = run_typed<float>(a, d, pol, sched, c->seed);
+          break;
+        case kSimtF64:
+          name = run_typed<double>(a, d, pol, sched, c->seed);
+          break;
+#ifndef SIMT_FLOAT_ONLY
+        case kSimtBF16:
+          name = run_typed<__nv_bfloat16>(a, d, pol, sched, c->seed);
+          break;
+        case kSimtF16:
+          name = run_typed<__half>(a, d, pol, sched, c->seed);
+          break;
+#endif
+        default:
+          throw simt::Error("unsupported logits dtype");
+      }
+    }
+    logits.finish();
+    target.finish();
+    weight.finish();
+    scale.finish();
+    loss.finish();
+    snprintf(msg, static_cast<size_t>(msg_len), "%s", name.c_str());
+    return 0;
+  } catch (const std::exception& e) {
+    snprintf(msg, static_cast<size_t>(msg_len), "%s", e.what());
+    return 1;
+  }
+}
+
+extern "C" int simt_lce_plan(const char* device, int64_t rows, int64_t V, int32_t dtype, int32_t write_grad,
+                             const char* strategy, char* msg, int msg_len) {
+  try {
+    const int64_t vec = dtype == kSimtF64 ? 2 : (dtype == kSimtF32 ? 4 : 8);
+    const int64_t static_smem = dtype == kSimtF64 ? fastreg::lce_cuda::row_static_smem<double>()
+                                                  : fastreg::lce_cuda::row_static_smem<float>();
+    const RowPlan p = fastreg::lce_cuda::plan_rows(device_by_name(device), rows, V / vec, write_grad != 0,
+                                                   static_smem, policy_by_name(strategy));
+    snprintf(msg, static_cast<size_t>(msg_len), "%s threads=%d smem=%lld", fastreg::lce_cuda::strategy_name(p).c_str(),
+             p.threads, static_cast<long long>(p.smem));
+    return 0;
+  } catch (const std::exception& e) {
+    snprintf(msg, static_cast<size_t>(msg_len), "%s", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,54 @@
+// The C interface of the SIMT harness: fastreg's CUDA kernels (run by the CPU SIMT runtime) on
+// host buffers. Used by the torch ops of ops.cpp and, through ctypes, by tests/test_simt.py's
+// teeth test. Every function returns 0 on success (msg: what ran) or 1 (msg: the error).
+#pragma once
+#include <cstdint>
+
+enum SimtDtype { kSimtF32 = 0, kSimtBF16 = 1, kSimtF16 = 2, kSimtF64 = 3 };
+
+struct SimtLceCall {
+  void* logits;  // (rows, V), in place
+  const void* target;
+  const void* weight;  // or null
+  const void* scale;
+  void* loss;
+  int64_t rows, V, ignore_index;
+  double label_smoothing, softcap, z_loss;
+  int32_t dtype, target_i32, weight_f64, scale_f64, scale_per_row, loss_f64, write_grad;
+  const char* device;    // "h100" | "a100"
+  const char* strategy;  // "auto" | "single-cached" | ... | "cluster8-streaming"
+  const char* schedule;  // "forward" | "reverse" | "shuffle"
+  uint64_t seed;
+};
+
+// One fused optimizer step over n tensors. ptrs[l * n + i]: list l of tensor i (Adam p, g, m, v[,
+// vmax]; SGD p, g[, buf]); counters[i]: Adam float32 step / SGD uint8 flag (or null without).
+struct SimtOptimCall {
+  int32_t adam;  // 1: Adam/AdamW, 0: SGD
+  int32_t n, lists;
+  void** ptrs;
+  const int64_t* numel;
+  void** counters;
+  int32_t dtype;
+  double lr, momentum, dampening, weight_decay, beta1, beta2, eps;
+  int32_t nesterov, maximize, amsgrad, decoupled;
+  const void* lr_tensor;  // one-element float32/float64 tensors, or null
+  int32_t lr_f64;
+  const void* grad_scale;
+  int32_t grad_scale_f64;
+  const void* found_inf;
+  int32_t found_inf_f64;
+  const char* schedule;
+  uint64_t seed;
+};
+
+extern "C" {
+int simt_lce_rows(const SimtLceCall* call, char* msg, int msg_len);
+// The plan only: msg = the strategy the planner picks for (device, rows, V, dtype, write_grad, strategy).
+int simt_lce_plan(const char* device, int64_t rows, int64_t V, int32_t dtype, int32_t write_grad,
+                  const char* strategy, char* msg, int msg_len);
+// msg = "launches=<main launches> batches=<tensors per launch, comma-separated>"
+int simt_fused_optim(const SimtOptimCall* call, char* msg, int msg_len);
+// Batch capacity of one launch for a list count (the kernel-argument table).
+int simt_optim_batch_cap(int32_t lists);
+}
