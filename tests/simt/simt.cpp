@@ -36,6 +36,8 @@ struct Block;
 
 struct Fiber {
   ucontext_t ctx;
+  char* stack = nullptr;  // taken from the OS thread's pool when the fiber first runs
+  bool started = false;
   uint3 tid;
   int linear = 0;
   State state = State::kRunnable;
@@ -66,9 +68,35 @@ struct Block {
   Cluster* cluster = nullptr;
   unsigned rank = 0;
   std::string error;  // set by trap()
-  char* stacks = nullptr;
   const std::function<void()>* body = nullptr;
 };
+
+// Fiber stacks of this OS thread, reused across fibers, blocks and launches: a fiber takes one
+// when it first runs and gives it back when it exits, so a kernel without barriers runs every
+// thread of a block on one warm stack.
+struct StackPool {
+  std::vector<char*> free;
+  ~StackPool() {
+    for (char* s : free) munmap(s, kStackBytes);
+  }
+  char* take() {
+    if (!free.empty()) {
+      char* s = free.back();
+      free.pop_back();
+      return s;
+    }
+    void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (s == MAP_FAILED) {
+      fprintf(stderr, "simt: cannot map a fiber stack\n");
+      abort();
+    }
+    return static_cast<char*>(s);
+  }
+  void give(char* s) {
+    if (s != nullptr) free.push_back(s);
+  }
+};
+thread_local StackPool tls_stacks;
 
 thread_local Fiber* tls_fiber = nullptr;
 thread_local Block* tls_block = nullptr;
@@ -238,6 +266,15 @@ bool run_block_until_cluster_barrier(Block& b) {
     const int i = it->second;
     b.ready.erase(it);
     Fiber& f = b.fibers[i];
+    if (!f.started) {
+      f.started = true;
+      f.stack = tls_stacks.take();
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack;
+      f.ctx.uc_stack.ss_size = kStackBytes;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, fiber_entry, 0);
+    }
     tls_fiber = &f;
     swapcontext(&b.sched, &f.ctx);
     tls_fiber = nullptr;
@@ -245,6 +282,8 @@ bool run_block_until_cluster_barrier(Block& b) {
     switch (f.state) {
       case State::kDone:
         ++b.done;
+        tls_stacks.give(f.stack);
+        f.stack = nullptr;
         break;
       case State::kAtWarp:
         try_complete_warp(b, i);
@@ -284,17 +323,6 @@ std::vector<int> rank_order(Schedule s, unsigned k, std::mt19937_64& rng) {
 void run_block(Block& b) {
   tls_block = &b;
   const int n = static_cast<int>(b.fibers.size());
-  b.stacks = static_cast<char*>(
-      mmap(nullptr, kStackBytes * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  if (b.stacks == MAP_FAILED) throw Error("simt: cannot map fiber stacks");
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = b.fibers[i];
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = b.stacks + kStackBytes * i;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_entry, 0);
-  }
   reorder(b);
   for (int i = 0; i < n; ++i) make_ready(b, i);
 
@@ -358,8 +386,10 @@ void run_block(Block& b) {
     if (finished) break;
   }
   lock.unlock();
-  munmap(b.stacks, kStackBytes * n);
-  b.stacks = nullptr;
+  for (Fiber& f : b.fibers) {  // fibers abandoned by an error
+    tls_stacks.give(f.stack);
+    f.stack = nullptr;
+  }
   tls_block = nullptr;
 }
 

@@ -1,0 +1,83 @@
+"""Runs the row-pass kernel of a SIMT kernel library (tests/simt/build.py build_kernel_library)
+through ctypes on a few float32 cases, every schedule and three launch strategies, against
+fastreg's CPU kernel and across schedules (bit-identical). Used by the teeth test of
+tests/test_simt.py on mutated copies of the kernel source, in a subprocess (an out-of-bounds
+access ends it with SIGSEGV and a message naming the buffer).
+
+Exit status: 0 all agree; 1 a result differs (MISMATCH lines); 2 the runtime reported an error
+(SIMT ERROR lines: a barrier that cannot complete, an out-of-bounds write into a canary, ...).
+usage: python teeth_runner.py LIBRARY
+"""
+import ctypes
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import fastreg  # noqa: E402,F401  (the CPU kernel)
+from lce_cases import IGNORE, make_case, rel_err  # noqa: E402
+
+
+class SimtLceCall(ctypes.Structure):  # simt_harness.h
+    _fields_ = [
+        ("logits", ctypes.c_void_p), ("target", ctypes.c_void_p), ("weight", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p), ("loss", ctypes.c_void_p),
+        ("rows", ctypes.c_int64), ("V", ctypes.c_int64), ("ignore_index", ctypes.c_int64),
+        ("label_smoothing", ctypes.c_double), ("softcap", ctypes.c_double), ("z_loss", ctypes.c_double),
+        ("dtype", ctypes.c_int32), ("target_i32", ctypes.c_int32), ("weight_f64", ctypes.c_int32),
+        ("scale_f64", ctypes.c_int32), ("scale_per_row", ctypes.c_int32), ("loss_f64", ctypes.c_int32),
+        ("write_grad", ctypes.c_int32),
+        ("device", ctypes.c_char_p), ("strategy", ctypes.c_char_p), ("schedule", ctypes.c_char_p),
+        ("seed", ctypes.c_uint64),
+    ]
+
+
+def run(lib, logits, target, weight, scale, eps, strategy, schedule):
+    lg = logits.clone()
+    loss = torch.full((lg.shape[0],), float("nan"))
+    c = SimtLceCall(lg.data_ptr(), target.data_ptr(), weight.data_ptr() if weight is not None else None,
+                    scale.data_ptr(), loss.data_ptr(), lg.shape[0], lg.shape[1], IGNORE, eps, 0.0, 0.0,
+                    0, 0, 0, 0, int(scale.numel() != 1), 0, 1, b"h100", strategy.encode(), schedule.encode(), 7)
+    msg = ctypes.create_string_buffer(1024)
+    if lib.simt_lce_rows(ctypes.byref(c), msg, 1024) != 0:
+        print("SIMT ERROR:", msg.value.decode(), flush=True)
+        sys.exit(2)
+    return loss, lg
+
+
+def main():
+    lib = ctypes.CDLL(sys.argv[1])
+    failures = 0
+    # rows * V * 4 bytes is a multiple of 16: the staged logits end exactly at a guard page
+    for seed, (rows, V) in enumerate([(4, 4096 + 4), (3, 96 + 4)]):
+        logits, target, weight, scale = make_case(rows, V, torch.float32, weights=True, seed=seed)
+        target[-1] = V - 1  # the last row is active
+        eps = 0.1
+        loss_cpu = torch.empty(rows)
+        grad_cpu = logits.clone()
+        torch.ops.fastreg._lce_rows(grad_cpu, target, weight, scale, IGNORE, eps, 0.0, 0.0, True, loss_cpu)
+        for strategy in ("single-cached", "single-streaming", "cluster2-cached"):
+            first = None
+            for schedule in ("forward", "reverse", "shuffle"):
+                loss, grad = run(lib, logits, target, weight, scale, eps, strategy, schedule)
+                what = f"V={V} {strategy} {schedule}"
+                if not (torch.isfinite(loss).all() and torch.isfinite(grad).all()):
+                    print(f"MISMATCH {what}: non-finite results", flush=True)
+                    failures += 1
+                    continue
+                if rel_err(loss, loss_cpu) > 1e-5 or rel_err(grad, grad_cpu) > 1e-4:
+                    print(f"MISMATCH {what}: loss err {rel_err(loss, loss_cpu):.3g}, grad err "
+                          f"{rel_err(grad, grad_cpu):.3g} against the CPU kernel", flush=True)
+                    failures += 1
+                if first is None:
+                    first = (loss, grad)
+                elif not (torch.equal(first[0], loss) and torch.equal(first[1], grad)):
+                    print(f"MISMATCH {what}: differs from the forward schedule (order-dependent)", flush=True)
+                    failures += 1
+    print("OK" if failures == 0 else f"{failures} mismatch(es)", flush=True)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""fastreg's CUDA kernels executed on the CPU: the unchanged source of csrc/cuda/*_kernels.cuh run
+by the SIMT runtime of tests/simt (every CUDA thread a fiber; barriers, warp shuffles, clusters
+and DSMEM emulated; out-of-bounds accesses trapped), launched by the real planner for an H100 or an
+A100 description or with a forced strategy, against fastreg's CPU kernels and a float64 reference.
+
+What this proves and what it cannot: README, "The CUDA kernels in CI". The harness extension is
+built on first use (tests/simt/build.py, cached in build/simt).
+"""
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+import fastreg  # noqa: F401  (the CPU kernels)
+from lce_cases import GRAD_TOL, IGNORE, LOSS_TOL, make_case, reference, rel_err
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "simt"))
+import build as simt_build  # noqa: E402
+
+CPU = torch.ops.fastreg
+STRATEGIES = ["single-cached", "single-streaming"] + [
+    f"cluster{k}-{m}" for k in (2, 4, 8) for m in ("cached", "streaming")
+]
+ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+EXECUTED = collections.Counter()  # strategy -> harness launches, printed at the end of the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def simt(request):
+    simt_build.load()
+    yield torch.ops.fastreg_simt
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and EXECUTED:
+        reporter.write_line("")
+        reporter.write_line("SIMT harness: launch strategies executed (row pass launches): " +
+                            ", ".join(f"{k} x{v}" for k, v in sorted(EXECUTED.items())))
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8)
+
+
+# ---- row pass ------------------------------------------------------------------------------------
+def simt_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, *,
+              device="h100", strategy="auto", schedule="forward", seed=0):
+    lg = logits.clone()
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.full((logits.shape[0],), float("nan"), dtype=acc)
+    name = torch.ops.fastreg_simt._lce_rows(lg, target, weight, scale, IGNORE, eps, softcap, zloss, write_grad, loss,
+                                            device, strategy, schedule, seed)
+    EXECUTED[name] += 1
+    return loss, lg, name
+
+
+def cpu_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True):
+    lg = logits.clone()
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.full((logits.shape[0],), float("nan"), dtype=acc)
+    CPU._lce_rows(lg, target, weight, scale, IGNORE, eps, softcap, zloss, write_grad, loss)
+    return loss, lg
+
+
+def check_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, *,
+               device="h100", strategy="auto", schedules=("forward", "shuffle"), seed=0):
+    """The harness result under each schedule: bit-identical across schedules, within the
+    tolerances of tests/test_lce_cuda.py of the float64 reference and of the CPU kernel."""
+    dtype = logits.dtype
+    args = (target, weight, scale, eps, softcap, zloss, write_grad)
+    results = [simt_rows(logits, *args, device=device, strategy=strategy, schedule=s, seed=seed + i)
+               for i, s in enumerate(schedules)]
+    loss, out, name = results[0]
+    for (l2, o2, n2), s in zip(results[1:], schedules[1:]):
+        assert n2 == name
+        assert torch.equal(_bits(l2), _bits(loss)) and torch.equal(_bits(o2), _bits(out)), \
+            f"{name}: the {s} schedule gives other bits than {schedules[0]} (order-dependent kernel)"
+    ref_loss, ref_grad = reference(logits, target, weight, scale, IGNORE, eps, softcap, zloss, write_grad)
+    assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype], (name, rel_err(loss, ref_loss))
+    ignored = ~((target != IGNORE) & (target >= 0) & (target < logits.shape[1]))
+    assert (loss[ignored] == 0).all(), "ignored rows must have loss 0"
+    loss_cpu, out_cpu = cpu_rows(logits, *args)
+    # relative to the loss scale: a row whose loss is 0 up to rounding (V = 1) is no failure
+    diff = (loss.double() - loss_cpu.double()).norm().item()
+    assert diff <= LOSS_TOL[dtype] * max(loss_cpu.double().norm().item(), 1.0), (name, loss, loss_cpu)
+    if write_grad:
+        err = rel_err(out, ref_grad)
+        assert err <= GRAD_TOL[dtype], f"{name}: gradient rel. error {err:.3g} > {GRAD_TOL[dtype]:.1g}"
+        assert (out[ignored] == 0).all(), "ignored rows must have an all-zero gradient"
+        assert rel_err(out, out_cpu) <= GRAD_TOL[dtype]
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(out, out_cpu, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(out.float(), out_cpu.float(), rtol=2e-2,
+                                       atol=1e-3 * out_cpu.float().abs().max().item() + 1e-6)
+    else:
+        assert torch.equal(out, logits), "write_grad=False must leave the logits untouched"
+    return name
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("V", [1, 7, 4096 + 3])
+@pytest.mark.parametrize("options", ["plain", "all", "no_grad"])
+def test_rows_match_reference(dtype, V, options):
+    if options == "plain":
+        logits, target, weight, scale = make_case(9, V, dtype)
+        check_rows(logits, target, weight, scale)
+    else:
+        logits, target, weight, scale = make_case(9, V, dtype, weights=True, ignore_frac=0.2, oob=True,
+                                                  per_row_scale=True, seed=1)
+        check_rows(logits, target, weight, scale, eps=0.1, softcap=15.0, zloss=1e-3, write_grad=options == "all")
+
+
+OPTIONS = {
+    "class_weight": dict(case=dict(weights=True), op=dict()),
+    "class_weight_smoothing": dict(case=dict(weights=True), op=dict(eps=0.2)),
+    "label_smoothing": dict(case=dict(), op=dict(eps=0.1)),
+    "ignore_index": dict(case=dict(ignore_frac=0.3), op=dict()),
+    "out_of_range_targets": dict(case=dict(oob=True), op=dict()),
+    "softcap": dict(case=dict(), op=dict(softcap=5.0)),
+    "z_loss": dict(case=dict(), op=dict(zloss=1e-2)),
+    "per_row_scale": dict(case=dict(per_row_scale=True), op=dict()),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_each_option(name, dtype):
+    spec = OPTIONS[name]
+    logits, target, weight, scale = make_case(7, 1000 + 5, dtype, seed=2, **spec["case"])
+    check_rows(logits, target, weight, scale, **spec["op"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("V", [7, 4096 + 3])
+def test_every_strategy(strategy, dtype, V):
+    logits, target, weight, scale = make_case(5, V, dtype, weights=True, ignore_frac=0.1, oob=True, seed=3)
+    name = check_rows(logits, target, weight, scale, eps=0.05, softcap=20.0, zloss=1e-4, strategy=strategy,
+                      schedules=("forward", "reverse", "shuffle"))
+    assert name == strategy
+
+
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 16384 + 5), (torch.bfloat16, 32768 + 3)], ids=str)
+def test_rows_over_48k_shared_memory(dtype, V):
+    logits, target, weight, scale = make_case(2, V, dtype, weights=True, seed=4)
+    plan = torch.ops.fastreg_simt._lce_plan("a100", 2, V, dtype, True, "auto")
+    assert plan.startswith("single-cached") and int(plan.split("smem=")[1]) > 48 * 1024, plan
+    assert check_rows(logits, target, weight, scale, eps=0.1, device="a100") == "single-cached"
+    assert check_rows(logits, target, weight, scale, eps=0.1, strategy="single-cached") == "single-cached"
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_misaligned_rows(dtype):
+    # a contiguous (rows, V) view one element past a 16-byte boundary: scalar heads and tails
+    rows, V = 6, 4096 + 8
+    logits, target, weight, scale = make_case(rows, V, dtype, seed=7)
+    buf = torch.empty(rows * V + 1, dtype=dtype)
+    view = buf[1:].view(rows, V)
+    view.copy_(logits)
+    assert view.data_ptr() % 16 != 0
+    for strategy in ("auto", "cluster4-cached", "single-streaming"):
+        loss = torch.empty(rows)
+        view.copy_(logits)
+        name = torch.ops.fastreg_simt._lce_rows(view, target, None, scale, IGNORE, 0.0, 0.0, 0.0, True, loss, "h100",
+                                                strategy, "shuffle", 5)
+        EXECUTED[name] += 1
+        ref_loss, ref_grad = reference(logits, target, None, scale, IGNORE, 0.0, 0.0, 0.0, True)
+        assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
+        assert rel_err(view, ref_grad) <= GRAD_TOL[dtype]
+
+
+def test_ignored_rows_never_read():
+    # Ignored and out-of-range rows full of NaN: loss 0 and a zero gradient (their logits are not read).
+    logits, target, weight, scale = make_case(8, 4096 + 3, torch.float32, seed=8)
+    target[::2] = IGNORE
+    target[1] = 10**9
+    logits[::2] = float("nan")
+    logits[1] = float("nan")
+    bad = torch.zeros(8, dtype=torch.bool)
+    bad[::2] = True
+    bad[1] = True
+    for strategy in ("auto", "cluster2-streaming", "single-cached"):
+        loss, out, _ = simt_rows(logits, target, weight, scale, 0.1, strategy=strategy)
+        assert (loss[bad] == 0).all() and (out[bad] == 0).all()
+        assert torch.isfinite(loss).all() and torch.isfinite(out).all()
+
+
+def test_int32_target_and_zero_rows():
+    logits, target, weight, scale = make_case(17, 1000, torch.float32, ignore_frac=0.2, seed=6)
+    l64, o64, _ = simt_rows(logits, target, weight, scale, 0.1)
+    l32, o32, _ = simt_rows(logits, target.int(), weight, scale, 0.1)
+    assert torch.equal(l32, l64) and torch.equal(o32, o64)
+    empty = torch.empty(0, 5)
+    assert simt_rows(empty, torch.empty(0, dtype=torch.int64), None, torch.ones(1))[2] == "none"
+
+
+@pytest.mark.parametrize("strategy", ["single-cached", "cluster4-cached", "cluster2-streaming"])
+def test_nan_logits_propagate(strategy):
+    """A 16-byte pack of NaN (or NaN after -inf) at the start of a thread's slice makes the row's
+    loss and gradient NaN, as in the CPU kernel (the running max propagates NaN)."""
+    rows, V = 4, 4096 + 4
+    logits, target, weight, scale = make_case(rows, V, torch.float32, seed=11)
+    target[:] = 5
+    logits[0, 0:4] = float("nan")                  # the first pack of the row (thread 0's first)
+    logits[1, 2048:2052] = float("nan")            # the first pack of another CTA's / thread's slice
+    logits[2, 512:516] = float("-inf")
+    logits[2, 516] = float("nan")
+    loss, out, _ = simt_rows(logits, target, weight, scale, strategy=strategy)
+    loss_cpu, out_cpu = cpu_rows(logits, target, weight, scale)
+    assert torch.isnan(loss[:3]).all() and torch.isnan(loss_cpu[:3]).all(), (loss, loss_cpu)
+    assert torch.isnan(out[:3]).all() and torch.isnan(out_cpu[:3]).all()
+    assert torch.isfinite(loss[3]) and torch.isfinite(out[3]).all()
+    torch.testing.assert_close(out[3], out_cpu[3], rtol=1e-4, atol=1e-6)
+
+
+# ---- the planner ---------------------------------------------------------------------------------
+def plan(device, rows, V, dtype=torch.float32, write_grad=True, strategy="auto"):
+    return torch.ops.fastreg_simt._lce_plan(device, rows, V, dtype, write_grad, strategy).split()[0]
+
+
+def test_h100_and_a100_plans():
+    # many rows: one CTA per row, cached while its row slice fits 96 KiB (H100: then a cluster
+    # splits the row) or, on an A100 (no clusters), the opt-in maximum of ~163 KiB
+    assert plan("h100", 4096, 16000) == "single-cached"
+    assert plan("a100", 4096, 16000) == "single-cached"
+    assert plan("h100", 4096, 32000, torch.bfloat16) == "single-cached"
+    assert plan("h100", 4096, 32000) == "cluster2-cached"   # 125 KiB fp32 row: 2 x 62.5 KiB
+    assert plan("a100", 4096, 32000) == "single-cached"     # 125 KiB on one CTA
+    # a 512 KiB fp32 row: a cluster of 8 (64 KiB each) on an H100; an A100 streams it
+    assert plan("h100", 4096, 131072) == "cluster8-cached"
+    assert plan("a100", 4096, 131072) == "single-streaming"
+    # few long rows: the cluster grows so that the whole H100 (132 SMs) takes part
+    assert plan("h100", 2, 16384) == "cluster8-cached"
+    assert plan("h100", 100, 16384) == "cluster4-cached"
+    assert plan("a100", 2, 16384) == "single-cached"
+    # no gradient: nothing to cache
+    assert plan("h100", 4096, 32000, write_grad=False) == "single-streaming"
+    assert plan("h100", 1, 65536, write_grad=False) == "cluster8-streaming"
+    assert plan("a100", 1, 65536, write_grad=False) == "single-streaming"
+    # forced strategies
+    assert plan("h100", 4096, 32000, strategy="cluster4-streaming") == "cluster4-streaming"
+    assert plan("a100", 4096, 131072, strategy="single-cached").startswith("single-cached")
+
+
+def _reachable_strategies():
+    """Every strategy the planner picks over a sweep of shapes, with its smallest example."""
+    found = {}
+    for device in ("h100", "a100"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for write_grad in (True, False):
+                for rows in (1, 2, 8, 64, 300, 4096):
+                    for V in (1, 7, 1000, 4099, 16389, 40000, 70000, 131073, 262149):
+                        name = plan(device, rows, V, dtype, write_grad)
+                        ex = (rows * V * dtype.itemsize, device, rows, V, dtype, write_grad)
+                        if name not in found or ex < found[name]:
+                            found[name] = ex
+    return found
+
+
+def test_every_planned_strategy_executed():
+    """Runs the smallest example of every strategy the planner can choose, with the planner's own
+    choice ("auto"); together with the forced strategies, every one has been executed."""
+    reachable = _reachable_strategies()
+    assert set(reachable) <= set(STRATEGIES), reachable
+    assert {"single-cached", "single-streaming", "cluster8-cached", "cluster8-streaming"} <= set(reachable)
+    for name, (_, device, rows, V, dtype, write_grad) in sorted(reachable.items()):
+        logits, target, weight, scale = make_case(rows, V, dtype, weights=True, seed=12)
+        got = check_rows(logits, target, weight, scale, eps=0.1, write_grad=write_grad, device=device,
+                         schedules=("shuffle",))
+        assert got == name
+    missing = set(reachable) - set(EXECUTED)
+    assert not missing, f"planned but never executed: {missing}"
+
+
+# ---- optimizers ----------------------------------------------------------------------------------
+SHAPES = [(40000,), (7,), (0,), (33, 65), (1,)]  # 40000: three 16384-element chunks; (0,): empty
+
+
+def _tensors(shapes, dtype, seed, scale=1.0, positive=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in shapes:
+        t = torch.randn(s, generator=g, dtype=torch.float64) * scale
+        out.append((t.abs() if positive else t).to(dtype))
+    return out
+
+
+def _close(a, b, dtype):
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=1e-7)
+    else:  # the same fp32 maths on both sides: at most one rounding of the storage type apart
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-5)
+
+
+def _adam_args(dtype, amsgrad, shapes=SHAPES, seed=0, **over):
+    ps = _tensors(shapes, dtype, seed)
+    args = dict(params=ps, grads=_tensors(shapes, dtype, seed + 1),
+                exp_avgs=_tensors(shapes, dtype, seed + 2, 0.1),
+                exp_avg_sqs=_tensors(shapes, dtype, seed + 3, 0.01, positive=True),
+                max_exp_avg_sqs=_tensors(shapes, dtype, seed + 4, 0.01, positive=True) if amsgrad else [],
+                state_steps=[torch.tensor(float(i + 2)) for i in range(len(shapes))], lr=0.01, lr_tensor=None,
+                beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=amsgrad, maximize=False,
+                decoupled_weight_decay=False, grad_scale=None, found_inf=None)
+    args.update(over)
+    return args
+
+
+def _sgd_args(dtype, momentum, shapes=SHAPES, seed=0, started=False, **over):
+    n = len(shapes)
+    args = dict(params=_tensors(shapes, dtype, seed), grads=_tensors(shapes, dtype, seed + 1),
+                momentum_buffers=_tensors(shapes, dtype, seed + 2) if momentum else [],
+                momentum_started=[torch.tensor(started, dtype=torch.uint8) for _ in range(n)] if momentum else [],
+                lr=0.05, lr_tensor=None, momentum=momentum, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, grad_scale=None, found_inf=None)
+    args.update(over)
+    return args
+
+
+def _clone(args):
+    return {k: ([t.clone() for t in v] if isinstance(v, list) else (v.clone() if torch.is_tensor(v) else v))
+            for k, v in args.items()}
+
+
+def _run_both(op_name, args, schedule="shuffle", seed=0):
+    """The same step through the CPU kernel and the harness, on copies; returns (cpu, simt, msg)."""
+    cpu, sim = _clone(args), _clone(args)
+    getattr(CPU, op_name)(**cpu)
+    msg = getattr(torch.ops.fastreg_simt, op_name)(**sim, schedule=schedule, seed=seed)
+    return cpu, sim, msg
+
+
+def _compare(cpu, sim, dtype, lists):
+    for name in lists:
+        for i, (a, b) in enumerate(zip(cpu[name], sim[name])):
+            if name in ("state_steps", "momentum_started"):
+                assert torch.equal(a, b), f"{name}[{i}]: {a} != {b}"
+            else:
+                _close(b, a, dtype)
+
+
+ADAM_CFGS = {
+    "adam": dict(),
+    "adam_wd": dict(weight_decay=0.1),
+    "amsgrad": dict(amsgrad=True, weight_decay=0.05),
+    "adamw": dict(decoupled_weight_decay=True, weight_decay=0.1),
+    "maximize_scaled": dict(maximize=True, grad_scale=torch.tensor(4.0)),
+    "tensor_lr": dict(lr_tensor=torch.tensor(0.003, dtype=torch.float64), decoupled_weight_decay=True,
+                      weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", list(ADAM_CFGS))
+def test_adam_matches_cpu_kernel(dtype, cfg):
+    over = dict(ADAM_CFGS[cfg])
+    amsgrad = over.pop("amsgrad", False)
+    args = _adam_args(dtype, amsgrad, **over)
+    for step in range(2):  # two steps: the state written by the first is read by the second
+        cpu, sim, msg = _run_both("_fused_adam_", args, seed=step)
+        assert msg == "launches=1 batches=5"
+        _compare(cpu, sim, dtype, ["params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"])
+        args = sim
+
+
+SGD_CFGS = {
+    "plain": dict(momentum=0.0),
+    "weight_decay_maximize": dict(momentum=0.0, weight_decay=0.1, maximize=True),
+    "momentum": dict(momentum=0.9),
+    "dampening": dict(momentum=0.9, dampening=0.3),
+    "nesterov_wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    "scaled_tensor_lr": dict(momentum=0.8, grad_scale=torch.tensor(8.0), lr_tensor=torch.tensor(0.02)),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", list(SGD_CFGS))
+def test_sgd_matches_cpu_kernel(dtype, cfg):
+    over = dict(SGD_CFGS[cfg])
+    momentum = over.pop("momentum")
+    args = _sgd_args(dtype, momentum, **over)
+    for step in range(2):  # the first step copies the gradient into the buffer, the second blends
+        cpu, sim, msg = _run_both("_fused_sgd_", args, seed=step)
+        assert msg == "launches=1 batches=5"
+        _compare(cpu, sim, dtype, ["params", "momentum_buffers", "momentum_started"])
+        if momentum:
+            assert all(int(f) == 1 for f in sim["momentum_started"])
+        args = sim
+
+
+def test_more_tensors_than_one_launch():
+    cap4 = torch.ops.fastreg_simt._optim_batch_cap(4)
+    cap3 = torch.ops.fastreg_simt._optim_batch_cap(3)
+    assert cap4 > 300 and cap3 > cap4
+    shapes = [(i % 5 + 1,) for i in range(cap4 + 75)]
+    args = _adam_args(torch.float32, False, shapes=shapes, seed=3)
+    args["state_steps"] = [torch.arange(len(shapes), dtype=torch.float32)]  # packed counters
+    cpu, sim, msg = _run_both("_fused_adam_", args)
+    assert msg == f"launches=2 batches={cap4},75"
+    _compare(cpu, sim, torch.float32, ["params", "exp_avgs", "exp_avg_sqs", "state_steps"])
+    shapes = [(3,)] * (2 * cap3 + 1)
+    args = _sgd_args(torch.bfloat16, 0.9, shapes=shapes, seed=4)
+    cpu, sim, msg = _run_both("_fused_sgd_", args, schedule="reverse")
+    assert msg == f"launches=3 batches={cap3},{cap3},1"
+    _compare(cpu, sim, torch.bfloat16, ["params", "momentum_buffers", "momentum_started"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_misaligned_views(dtype):
+    """big[1:] views: not 16-byte aligned, so the kernels take the scalar path; a mix of aligned
+    and misaligned tensors in one launch."""
+    n = 40001
+    def views(seed, positive=False):
+        out = []
+        for k, t in enumerate(_tensors([(n + 1,), (100,)], dtype, seed, 0.1, positive)):
+            out.append(t[1:] if k == 0 else t)
+        return out
+    args = _adam_args(dtype, True, shapes=[(n,), (100,)])
+    for key, seed, pos in (("params", 0, False), ("grads", 1, False), ("exp_avgs", 2, False),
+                           ("exp_avg_sqs", 3, True), ("max_exp_avg_sqs", 4, True)):
+        args[key] = views(seed, pos)
+    assert args["params"][0].data_ptr() % 16 != 0
+    cpu, sim, _ = _run_both("_fused_adam_", args)
+    _compare(cpu, sim, dtype, ["params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"])
+
+
+@pytest.mark.parametrize("found", [torch.tensor(1.0), torch.tensor(float("inf"), dtype=torch.float64)], ids=str)
+def test_found_inf_skips_everything(found):
+    args = _adam_args(torch.float32, True, found_inf=found, grad_scale=torch.tensor(2.0))
+    _, sim, _ = _run_both("_fused_adam_", args)
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"):
+        assert all(torch.equal(a, b) for a, b in zip(args[key], sim[key])), f"{key} changed on a skipped step"
+    sgd = _sgd_args(torch.float32, 0.9, found_inf=found)
+    _, sim, _ = _run_both("_fused_sgd_", sgd)
+    for key in ("params", "momentum_buffers", "momentum_started"):
+        assert all(torch.equal(a, b) for a, b in zip(sgd[key], sim[key])), f"{key} changed on a skipped step"
+    # found_inf == 0: a normal step
+    args = _adam_args(torch.float32, False, found_inf=torch.tensor(0.0))
+    cpu, sim, _ = _run_both("_fused_adam_", args)
+    _compare(cpu, sim, torch.float32, ["params", "exp_avgs", "exp_avg_sqs", "state_steps"])
+    assert float(sim["state_steps"][0]) == float(args["state_steps"][0]) + 1
+
+
+# ---- teeth: the harness catches broken kernels ----------------------------------------------------
+MUTATIONS = {
+    # the barrier between the per-warp partials and their reduction by warp 0
+    "removed_syncthreads": ("  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n",
+                            "  if (lane == 0) scratch[warp] = v;\n", "MISMATCH"),
+    # pass 1 reads one logit past the row's tail
+    "tail_off_by_one": ("    if (last && tid < V - sp.tail_start) {\n      const int64_t c = sp.tail_start + tid;\n"
+                        "      accumulate1(",
+                        "    if (last && tid <= V - sp.tail_start) {\n      const int64_t c = sp.tail_start + tid;\n"
+                        "      accumulate1(", "out-of-bounds access 0 byte(s) past the end of buffer 'logits'"),
+    # the sum-exp partial exchanged with the wrong lane
+    "wrong_shuffle_offset": ("o.s = __shfl_xor_sync(0xffffffffu, v.s, off);",
+                             "o.s = __shfl_xor_sync(0xffffffffu, v.s, off >> 1);", "MISMATCH"),
+}
+
+
+def _kernel_tree(tmp, mutation=None):
+    import shutil
+    root = os.path.dirname(HERE)
+    csrc = os.path.join(tmp, "csrc")
+    shutil.copytree(os.path.join(root, "csrc"), csrc)
+    if mutation is not None:
+        path = os.path.join(csrc, "cuda", "lce_rows_kernels.cuh")
+        src = open(path).read()
+        old, new, _ = MUTATIONS[mutation]
+        assert src.count(old) == 1, f"mutation {mutation}: the kernel source changed, update the test"
+        open(path, "w").write(src.replace(old, new))
+    return csrc
+
+
+def _run_teeth(lib):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, os.path.join(HERE, "simt", "teeth_runner.py"), lib], env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_teeth():
+    """Each mutation of a copy of the kernel source is caught; the unchanged copy passes."""
+    from concurrent.futures import ThreadPoolExecutor
+    with tempfile.TemporaryDirectory(prefix="fastreg-simt-teeth-") as tmp:
+        names = [None] + list(MUTATIONS)
+
+        def build(name):
+            d = os.path.join(tmp, name or "control")
+            os.makedirs(d)
+            return simt_build.build_kernel_library(_kernel_tree(d, name), d)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            libs = list(pool.map(build, names))
+        control = _run_teeth(libs[0])
+        assert control.returncode == 0 and "OK" in control.stdout, control.stdout + control.stderr
+        for name, lib in zip(names[1:], libs[1:]):
+            r = _run_teeth(lib)
+            expected = MUTATIONS[name][2]
+            assert r.returncode != 0, f"{name}: the harness passed a broken kernel\n{r.stdout}{r.stderr}"
+            assert expected in r.stdout + r.stderr, f"{name}: {r.returncode}\n{r.stdout}{r.stderr}"
+
+
+def test_runtime_reports_barrier_errors():
+    """A kernel whose __syncthreads is skipped by some threads is an error, not a hang: the
+    runtime's own checks, through the extension's kernels (a rows mismatch in cluster size)."""
+    # a cluster strategy forced on a device without clusters is refused before any launch
+    logits, target, weight, scale = make_case(2, 100, torch.float32)
+    with pytest.raises(RuntimeError, match="cluster"):
+        simt_rows(logits, target, weight, scale, device="a100", strategy="cluster2-cached")
