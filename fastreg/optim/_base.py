@@ -117,6 +117,7 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        _bf16.fill_modes(self)
         self._reset_plans()
 
     def add_param_group(self, param_group: dict) -> None:

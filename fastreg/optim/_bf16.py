@@ -102,12 +102,18 @@ def strip_unused(state_dict: dict) -> dict:
     return state_dict
 
 
-def after_load(optimizer, old_groups: list[dict[str, Any]]) -> None:
-    """Loaded groups without mode keys (a torch.optim checkpoint) take the constructor's modes and
-    keep the seeds the groups had before the load."""
-    for group, old in zip(optimizer.param_groups, old_groups):
+def fill_modes(optimizer) -> None:
+    """Groups without mode keys (loaded from a torch.optim checkpoint, or an old pickle) take the
+    constructor's modes."""
+    for group in optimizer.param_groups:
         for name in _MODES:
             group.setdefault(name, optimizer.defaults.get(name, False))
+
+
+def after_load(optimizer, old_groups: list[dict[str, Any]]) -> None:
+    """After load_state_dict: the modes are filled in (fill_modes ran), groups keep the seeds they
+    had before the load unless the checkpoint brought one, and the modes are checked."""
+    for group, old in zip(optimizer.param_groups, old_groups):
         if "sr_seed" not in group and "sr_seed" in old:
             group["sr_seed"] = old["sr_seed"]
         check_group(group)

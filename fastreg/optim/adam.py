@@ -113,8 +113,6 @@ class Adam(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("fused", None)
-            group.setdefault("stochastic_rounding", False)
-            group.setdefault("master_weights", False)
 
     # ---- FusedOptimizer hooks --------------------------------------------------------------
 
@@ -179,7 +177,9 @@ class Adam(FusedOptimizer):
 
 
 class AdamW(Adam):
-    """AdamW (decoupled weight decay), as ``torch.optim.AdamW``; see :class:`Adam`."""
+    """AdamW (decoupled weight decay), as ``torch.optim.AdamW``; see :class:`Adam` for what
+    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` mean here and for the bf16 modes
+    (``stochastic_rounding``, ``master_weights``)."""
 
     def __init__(
         self,

@@ -88,8 +88,6 @@ class SGD(FusedOptimizer):
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
-            group.setdefault("stochastic_rounding", False)
-            group.setdefault("master_weights", False)
         self._momentum_started = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -220,7 +218,7 @@ class SGD(FusedOptimizer):
                 else:
                     buf.copy_(g.to_dense() if g.is_sparse else g)
                     flag.fill_(1)
-                g = g.add(buf, alpha=momentum) if nesterov else buf
+                g = (buf * momentum).add_(g) if nesterov else buf  # dense + sparse (torch: g + momentum * buf)
             p.add_(g, alpha=-hyper_float(step_lr))
         if not dense:
             return None, grads
