@@ -106,7 +106,6 @@ def test_sr_unbiased(base, frac):
     binomial, and every result is one of the two bf16 neighbours. Round-to-nearest is biased there."""
     n = 1 << 18
     a = torch.full((n,), base, dtype=torch.bfloat16)
-    ulp = abs(float(torch.nextafter(a[:1].float(), a[:1].float() * 2)[0] - a[0].float()))  # fp32 ulp: not this
     ulp = 2.0 ** (np.floor(np.log2(abs(base))) - 7)  # bf16 spacing above |base|
     delta = frac * ulp * np.sign(base)
     grad = torch.full((n,), -delta, dtype=torch.bfloat16)  # lr 1: p - 1 * grad = base + delta, exact

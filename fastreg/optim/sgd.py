@@ -165,10 +165,19 @@ class SGD(FusedOptimizer):
         return {**out, "momentum_buffer": buf, "momentum_started": flag}
 
     def _launch(self, group, bucket: _Bucket, grads, lr, lr_tensor, grad_scale, found_inf) -> None:
-        if any(g.is_sparse for g in grads):
+        try:
+            self._fused(group, bucket, grads, lr, lr_tensor, grad_scale, found_inf)
+        except RuntimeError as e:
+            # Sparse gradients reach the operator's sparse kernel, which refuses them before
+            # touching anything; looking for them only then keeps dense steps free of a pass over
+            # the gradients.
+            if "sparse" not in str(e) or not any(g.is_sparse for g in grads):
+                raise
             bucket, grads = self._step_sparse(group, bucket, grads, lr, lr_tensor, grad_scale, found_inf)
-            if bucket is None:
-                return
+            if bucket is not None:
+                self._fused(group, bucket, grads, lr, lr_tensor, grad_scale, found_inf)
+
+    def _fused(self, group, bucket: _Bucket, grads, lr, lr_tensor, grad_scale, found_inf) -> None:
         lists = bucket.lists
         _ops.fused_sgd_(
             bucket.kernel_params,
