@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fastreg.optim as fo
+from conftest import cuda_ready
 
 OPS = torch.ops.fastreg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -625,3 +626,52 @@ def test_bf16_training_example():
     rows = re.findall(r"^\s+(\d+)((?:\s+[\d.]+){4})$", out, re.M)
     assert len(rows) == 11
     assert float(rows[0][1].split()[0]) > 2 * ref  # the curves start far above where fp32 ends
+
+
+# ---- on a GPU (the GPU box): CUDA == CPU bits, CUDA-graph capture --------------------------------
+
+@pytest.mark.skipif(not cuda_ready(), reason="needs a GPU and fastreg's CUDA kernels (runs on the GPU box)")
+@pytest.mark.parametrize("mode", ["stochastic_rounding", "master_weights"])
+def test_cuda_bits_equal_cpu_and_graph_capture(mode):
+    params, grads, lr = exact_sgd_case(SIMT_SHAPES)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        ps = [torch.nn.Parameter(p.to(device)) for p in params]
+        torch.manual_seed(4)
+        opt = fo.SGD(ps, lr=lr, **{mode: True})
+        for _ in range(3):
+            for p, g in zip(ps, grads):
+                p.grad = g.to(device)
+            opt.step()
+        runs[device] = [p.detach().cpu() for p in ps]
+    for a, b in zip(runs["cpu"], runs["cuda"]):
+        assert torch.equal(bits(a), bits(b))
+    # a captured step replayed (one replay skipped through found_inf) == eager steps
+    eager = [torch.nn.Parameter(p.cuda()) for p in params]
+    graphed = [torch.nn.Parameter(p.cuda()) for p in params]
+    torch.manual_seed(4)
+    oe = fo.SGD(eager, lr=lr, momentum=0.5, **{mode: True})
+    torch.manual_seed(4)
+    og = fo.SGD(graphed, lr=lr, momentum=0.5, **{mode: True})
+    for p, g in zip(graphed, grads):
+        p.grad = g.cuda()
+    found_inf = torch.ones((), device="cuda")
+    og.found_inf = found_inf
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        og.step()  # allocates the state; skipped
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        og.step()
+    for t in range(4):
+        found_inf.fill_(1.0 if t == 1 else 0.0)
+        graph.replay()
+        if t != 1:
+            for p, g in zip(eager, grads):
+                p.grad = g.cuda()
+            oe.step()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, graphed):
+        assert torch.equal(bits(a.detach()), bits(b.detach()))
