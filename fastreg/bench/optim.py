@@ -375,3 +375,38 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
                                  x_label=x_label)
                 print(f"plot: {path}")
     return rows
+
+
+def bf16_mode_bars(n_tensors: int = 100, numel: int = 400_000, rounds: int = 11, device: str = "cpu") -> dict:
+    """The bars of the bf16 modes, timed interleaved (plain, SR, master, plain, ...; medians) so that
+    a loaded machine slows all three alike: bf16 Adam, stochastic-rounding step <= 1.15x the plain
+    fused step; master-weights step <= 1.15x (plain step + its extra 8 bytes/param at the measured
+    copy bandwidth)."""
+    import statistics
+
+    import fastreg.optim as fo
+
+    cfg = OptimConfig("adam", n_tensors, numel, torch.bfloat16)
+    spec = OPTIMIZERS["adam"]
+    opts = {}
+    for name, modes in (("plain", {}), ("sr", {"stochastic_rounding": True}), ("master", {"master_weights": True})):
+        opts[name] = fo.Adam(make_params(cfg, device), **spec.hyper, **modes)
+        opts[name].step()  # allocates the state
+    samples: dict = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            samples[name].append(C.time_fn(opt.step, device, warmup=0, repeats=1).median)
+    copy_gbs = C.copy_bandwidth_gbs(device, copy_bytes(device, quick=False))
+    ms = {name: statistics.median(v) for name, v in samples.items()}
+    extra_ms = 8 * cfg.params / (copy_gbs * 1e9) * 1e3
+    return {"ms": ms, "copy_gbs": copy_gbs, "sr_vs_plain": ms["sr"] / ms["plain"],
+            "master_vs_plain_plus_8B": ms["master"] / (ms["plain"] + extra_ms), "extra_8B_ms": extra_ms}
+
+
+if __name__ == "__main__":  # python -m fastreg.bench.optim: the bf16-mode bars
+    r = bf16_mode_bars()
+    print(f"bf16 Adam 100 x 400k, interleaved medians: plain {r['ms']['plain']:.1f} ms, stochastic rounding "
+          f"{r['ms']['sr']:.1f} ms, master weights {r['ms']['master']:.1f} ms; copy bandwidth {r['copy_gbs']:.1f} GB/s")
+    print(f"stochastic rounding / plain = {r['sr_vs_plain']:.3f} (bar <= 1.15)")
+    print(f"master / (plain + 8 B/param = {r['extra_8B_ms']:.1f} ms) = {r['master_vs_plain_plus_8B']:.3f} (bar <= 1.15)")
+    print(f"load average {open('/proc/loadavg').read().split()[0]}")
