@@ -226,7 +226,7 @@ def test_master_weights_keep_small_updates():
         p.grad = -torch.ones_like(p)
         opt.step()
     torch.testing.assert_close(opt.state[p]["master_param"], torch.full((64,), 1.01), rtol=1e-5, atol=0)
-    assert float(p[0]) == float(torch.tensor(1.01).to(torch.bfloat16))
+    assert float(p.detach()[0]) == float(torch.tensor(1.01).to(torch.bfloat16))
 
 
 # ---- state_dict with torch.optim, both ways -----------------------------------------------------
