@@ -12,7 +12,7 @@ import os
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,6 +46,19 @@ NVCC_FLAGS = [
     "-lineinfo",
 ]
 CXX_FLAGS = ["-O3", "-std=c++20", "-Wno-psabi", "-fopenmp", "-fopenmp-simd", "-fvisibility=hidden"]
+CUDA_DEFINES = [("FASTREG_WITH_CUDA", "1")]
+EXTENSION_NAME = "fastreg._C"
+
+
+def nvcc_compile_flags(archs: str | None = None) -> list[str]:
+    """Every nvcc flag the build passes for one .cu file, in the order torch's BuildExtension
+    assembles them (its COMMON_NVCC_FLAGS such as -D__CUDA_NO_HALF_OPERATORS__, -fPIC, the
+    extension's defines, NVCC_FLAGS, the -gencode flags), without include paths. One list shared
+    with scripts/cuda_check.py, so that `make cuda-check` compiles exactly what the build compiles."""
+    return (list(COMMON_NVCC_FLAGS) + ["-Xcompiler", "-fPIC"]
+            + [f"-D{k}={v}" for k, v in CUDA_DEFINES]
+            + ["-DTORCH_API_INCLUDE_EXTENSION_H", f"-DTORCH_EXTENSION_NAME={EXTENSION_NAME.rsplit('.', 1)[-1]}"]
+            + NVCC_FLAGS + cuda_gencode_flags(archs))
 
 
 def extensions():
@@ -55,10 +68,10 @@ def extensions():
     if _want_cuda():
         return [
             CUDAExtension(
-                "fastreg._C",
+                EXTENSION_NAME,
                 cpp + cu,
                 include_dirs=include_dirs,
-                define_macros=[("FASTREG_WITH_CUDA", "1")],
+                define_macros=CUDA_DEFINES,
                 extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + cuda_gencode_flags()},
                 extra_link_args=["-fopenmp"],
             )

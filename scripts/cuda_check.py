@@ -2,8 +2,10 @@
 """Compile-check every CUDA source of fastreg (csrc/**/*.cu) with nvcc -- no GPU needed.
 
 Run by `make cuda-check`. Each file is compiled on its own (`nvcc -c -o <tmp>/x.o`) against the
-installed torch's headers with exactly the flags of the real build (setup.NVCC_FLAGS and
-setup.cuda_gencode_flags, imported from setup.py so the two cannot drift) for sm_80 and sm_90,
+installed torch's headers (cpp_extension.include_paths("cuda"), as CUDAExtension) with exactly the
+flags of the real build (setup.nvcc_compile_flags: torch's COMMON_NVCC_FLAGS such as
+-D__CUDA_NO_HALF_OPERATORS__, the extension's defines, NVCC_FLAGS and the -gencode flags, imported
+from setup.py so the two cannot drift) for sm_80 and sm_90,
 at most 2 files at a time. Prints one status line per file (plus the compiler's diagnostics) and
 exits non-zero if any file fails.
 
@@ -76,11 +78,15 @@ def main() -> int:
 
     import torch.utils.cpp_extension as cpp_ext
 
+    # CUDAExtension's include paths need CUDA_HOME: without one, the toolkit of the nvcc found here
+    if cpp_ext.CUDA_HOME is None:
+        cpp_ext.CUDA_HOME = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
     setup_mod = load_setup_module()
     archs = os.environ.get("FASTREG_CUDA_CHECK_ARCHS", "80;90")
-    flags = list(setup_mod.NVCC_FLAGS) + list(setup_mod.cuda_gencode_flags(archs))
-    flags += ["-I" + p for p in cpp_ext.include_paths()]
+    flags = list(setup_mod.nvcc_compile_flags(archs))
     flags += ["-I" + os.path.join(ROOT, "csrc")]
+    flags += ["-I" + p for p in cpp_ext.include_paths("cuda")]
 
     sources = sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)

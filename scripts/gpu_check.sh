@@ -68,6 +68,38 @@ if ! command -v nvcc >/dev/null 2>&1; then
   record environment "FAILED (nvcc not found: FASTREG_REQUIRE_NVCC=1)"
 fi
 
+# Fail early, before a long build, on a toolchain fastreg's CUDA build cannot use: the stable ABI
+# it targets needs torch >= 2.10, and nvcc must be of the CUDA major version torch was built with.
+TOOLCHAIN_ERR=$(python3 - "$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1.\2/p' | head -n 1)" <<'PY'
+import sys
+try:
+    import torch
+except Exception as e:
+    print(f"torch is not importable ({e})"); sys.exit()
+ver = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+if ver < (2, 10):
+    print(f"torch {torch.__version__} is too old: fastreg's CUDA kernels need torch >= 2.10 (LibTorch stable ABI)")
+    sys.exit()
+nvcc, cuda = sys.argv[1], torch.version.cuda
+if not cuda:
+    print(f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)")
+elif not nvcc:
+    print("cannot read nvcc's version (nvcc --version)")
+elif nvcc.split(".")[0] != cuda.split(".")[0]:
+    print(f"nvcc {nvcc} and torch's CUDA {cuda} differ in their major version: the extension would not load "
+          f"(install a CUDA {cuda.split('.')[0]}.x toolkit or the matching torch)")
+PY
+)
+if [ -n "$TOOLCHAIN_ERR" ]; then
+  echo "gpu-check: $TOOLCHAIN_ERR"
+  record toolchain "FAILED ($TOOLCHAIN_ERR)"
+  echo "result: FAIL (toolchain: $TOOLCHAIN_ERR)" >>"$SUMMARY"
+  exec 1>&- 2>&-
+  wait "$TEE_PID" 2>/dev/null || true
+  exit 1
+fi
+record toolchain ok
+
 # ---------------------------------------------------------------- 2. venv
 step "venv"
 VENV=${GPU_VENV:-/tmp/fastreg-gpu-venv}

@@ -1,12 +1,13 @@
 """CUDA row pass of the fused linear cross-entropy: torch.ops.fastreg._lce_rows on CUDA
-(csrc/cuda/lce_rows.cu) against the CPU implementation (csrc/lce/lce_cpu.cpp) on the same inputs,
+(csrc/cuda/lce_rows.cu, kernel in lce_rows_kernels.cuh) against the CPU implementation (csrc/lce/lce_cpu.cpp) on the same inputs,
 and against a float64 PyTorch reference of the formulas in csrc/lce/lce_math.h.
 
 Skipped cleanly without a GPU or without fastreg's CUDA kernels.
 """
-import contextlib
-import math
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -33,21 +34,26 @@ def cpu_kernel_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastreg::_lce_rows", "CPU")
 
 
-@contextlib.contextmanager
-def lce_mode(mode: str | None):
-    """Force a launch strategy of the CUDA kernel (see FASTREG_LCE_ROWS_MODE in lce_rows.cu)."""
-    old = os.environ.get("FASTREG_LCE_ROWS_MODE")
-    if mode:
-        os.environ["FASTREG_LCE_ROWS_MODE"] = mode
-    else:
-        os.environ.pop("FASTREG_LCE_ROWS_MODE", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTREG_LCE_ROWS_MODE", None)
-        else:
-            os.environ["FASTREG_LCE_ROWS_MODE"] = old
+_MODE_CHILD = r"""
+import sys, torch
+import fastreg  # noqa: F401
+sys.path.insert(0, sys.argv[2])
+from test_lce_cuda import run_op
+cases = torch.load(sys.argv[1])
+torch.save([run_op("cuda", *args) for args in cases], sys.argv[1])
+"""
+
+
+def run_ops_in_mode(mode, cases):
+    """run_op on CUDA for each argument tuple of `cases` with FASTREG_LCE_ROWS_MODE=mode (stream |
+    nocluster | single), which the kernel reads once per process: in one child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "io.pt")
+        torch.save(cases, path)
+        env = dict(os.environ, FASTREG_LCE_ROWS_MODE=mode)
+        subprocess.run([sys.executable, "-c", _MODE_CHILD, path, os.path.dirname(os.path.abspath(__file__))],
+                       env=env, check=True)
+        return torch.load(path)
 
 
 def run_op(device, logits, target, weight, scale, ignore_index, eps, softcap, zloss, write_grad):
@@ -75,11 +81,11 @@ def run_op(device, logits, target, weight, scale, ignore_index, eps, softcap, zl
     return loss.cpu(), lg.cpu()
 
 
-def check_case(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, mode=None):
+def check_case(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, result=None):
+    """result: the CUDA (loss, logits-after) computed elsewhere (run_ops_in_mode), else run here."""
     dtype = logits.dtype
     args = (target, weight, scale, IGNORE, eps, softcap, zloss, write_grad)
-    with lce_mode(mode):
-        loss_cu, out_cu = run_op("cuda", logits, *args)
+    loss_cu, out_cu = result if result is not None else run_op("cuda", logits, *args)
     ref_loss, ref_grad = reference(logits, *args)
     assert rel_err(loss_cu, ref_loss) <= LOSS_TOL[dtype], (rel_err(loss_cu, ref_loss), loss_cu[:8], ref_loss[:8])
     ignored = ~((target != IGNORE) & (target >= 0) & (target < logits.shape[1]))
@@ -147,11 +153,16 @@ def test_each_option(name, V, dtype):
 
 # ---- every launch strategy of the kernel (cached/streaming x cluster/single CTA) -------------------
 @pytest.mark.parametrize("mode", [None, "stream", "nocluster", "single"])
-@pytest.mark.parametrize("V", [7, 4096 + 3, 32000, 131072 + 1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_launch_modes(mode, V, dtype):
-    logits, target, weight, scale = make_case(33, V, dtype, weights=True, ignore_frac=0.1, oob=True, seed=3)
-    check_case(logits, target, weight, scale, eps=0.05, softcap=20.0, zloss=1e-4, mode=mode)
+def test_launch_modes(mode):
+    cases = [make_case(33, V, dtype, weights=True, ignore_frac=0.1, oob=True, seed=3)
+             for V in (7, 4096 + 3, 32000, 131072 + 1) for dtype in (torch.float32, torch.bfloat16)]
+    opts = dict(eps=0.05, softcap=20.0, zloss=1e-4)
+    results = [None] * len(cases)
+    if mode:  # one child process runs every case in this mode
+        results = run_ops_in_mode(mode, [(lg, t, w, s, IGNORE, opts["eps"], opts["softcap"], opts["zloss"], True)
+                                         for lg, t, w, s in cases])
+    for case, result in zip(cases, results):
+        check_case(*case, **opts, result=result)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -159,7 +170,8 @@ def test_very_long_rows_stream(rows):
     # fp32 V=262144+5: a 1 MiB row, split over a cluster of 8 (cached) or streamed from L2.
     logits, target, weight, scale = make_case(rows, 262144 + 5, torch.float32, seed=4)
     check_case(logits, target, weight, scale, eps=0.1)
-    check_case(logits, target, weight, scale, eps=0.1, mode="single")
+    (single,) = run_ops_in_mode("single", [(logits, target, weight, scale, IGNORE, 0.1, 0.0, 0.0, True)])
+    check_case(logits, target, weight, scale, eps=0.1, result=single)
 
 
 def test_float64():
@@ -218,39 +230,7 @@ def test_zero_rows_and_single_class():
 
 
 def test_cuda_graph_capture():
-    rows, V = 33, 4096 + 3
-    logits, target, weight, scale = make_case(rows, V, torch.bfloat16, weights=True, ignore_frac=0.2, seed=10)
-    st_logits = logits.cuda()
-    st_target = target.cuda()
-    st_weight = weight.cuda()
-    st_scale = torch.full((rows,), 0.5, device="cuda")
-    st_loss = torch.empty(rows, device="cuda")
-    src = torch.empty_like(st_logits)
-
-    def step():
-        st_logits.copy_(src)
-        _op()(st_logits, st_target, st_weight, st_scale, IGNORE, 0.1, 10.0, 1e-3, True, st_loss)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture (first-call attribute setup)
-        src.copy_(st_logits)
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for k in range(3):
-        new_logits, _, _, _ = make_case(rows, V, torch.bfloat16, seed=100 + k)
-        src.copy_(new_logits.cuda())
-        st_scale.fill_(0.25 * (k + 1))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref_loss, ref_grad = reference(
-            new_logits, target, weight, st_scale.cpu(), IGNORE, 0.1, 10.0, 1e-3, True
-        )
-        assert rel_err(st_loss.cpu(), ref_loss) <= LOSS_TOL[torch.bfloat16]
-        assert rel_err(st_logits.cpu(), ref_grad) <= GRAD_TOL[torch.bfloat16]
+    _capture_and_replay(33, 4096 + 3, torch.bfloat16, seed=10)
 
 
 def test_bad_inputs_raise():
@@ -264,3 +244,65 @@ def test_bad_inputs_raise():
         _op()(logits, tgt[:3], None, one, IGNORE, 0.0, 0.0, 0.0, True, loss)  # wrong target length
     with pytest.raises(RuntimeError):
         _op()(logits, tgt, torch.ones(9, device="cuda"), one, IGNORE, 0.0, 0.0, 0.0, True, loss)  # weight size
+
+
+def _capture_and_replay(rows, V, dtype, seed):
+    """Captures one _lce_rows call in a CUDA graph and replays it on new logits and scales."""
+    logits, target, weight, scale = make_case(rows, V, dtype, weights=True, ignore_frac=0.2, seed=seed)
+    st_logits, st_target, st_weight = logits.cuda(), target.cuda(), weight.cuda()
+    st_scale = torch.full((rows,), 0.5, device="cuda")
+    st_loss = torch.empty(rows, device="cuda")
+    src = torch.empty_like(st_logits)
+
+    def step():
+        st_logits.copy_(src)
+        _op()(st_logits, st_target, st_weight, st_scale, IGNORE, 0.1, 10.0, 1e-3, True, st_loss)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (plan and attribute caches)
+        src.copy_(st_logits)
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for k in range(2):
+        new_logits, _, _, _ = make_case(rows, V, dtype, seed=200 + k)
+        src.copy_(new_logits.cuda())
+        st_scale.fill_(0.25 * (k + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, ref_grad = reference(new_logits, target, weight, st_scale.cpu(), IGNORE, 0.1, 10.0, 1e-3, True)
+        assert rel_err(st_loss.cpu(), ref_loss) <= LOSS_TOL[dtype]
+        assert rel_err(st_logits.cpu(), ref_grad) <= GRAD_TOL[dtype]
+
+
+def test_cuda_graph_capture_cluster_launch():
+    # 2 rows of 16384 fp32 logits: on an H100 the planner splits each row over a cluster of 8
+    # (csrc/cuda/lce_rows_plan.h); elsewhere this is a single-CTA launch, captured just the same.
+    _capture_and_replay(2, 16384, torch.float32, seed=20)
+
+
+def test_cuda_graph_capture_large_shared_memory():
+    # 300 rows of 32771 bf16 logits: one CTA per row caching a 64 KiB slice (> the 48 KiB default)
+    _capture_and_replay(300, 32768 + 3, torch.bfloat16, seed=21)
+
+
+@pytest.mark.slow
+def test_rows_times_vocab_over_2_pow_31():
+    """One direct call whose logits have more than 2^31 elements: 64-bit indexing everywhere."""
+    rows, V = 16385, 131072  # 2^31 + 131072 bf16 elements (4 GiB)
+    assert rows * V > 2**31
+    if torch.cuda.get_device_properties(0).total_memory < 12 * 2**30:
+        pytest.skip("needs ~12 GiB of GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(22)
+    logits = (torch.randn(rows, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    target = torch.randint(0, V, (rows,), device="cuda", generator=g)
+    check = [0, rows // 2, rows - 1]
+    before = logits[check].cpu()
+    loss = torch.empty(rows, device="cuda")
+    _op()(logits, target, None, torch.ones(1, device="cuda"), IGNORE, 0.0, 0.0, 0.0, True, loss)
+    ref_loss, ref_grad = reference(before, target[check].cpu(), None, torch.ones(1), IGNORE, 0.0, 0.0, 0.0, True)
+    assert rel_err(loss[check].cpu(), ref_loss) <= LOSS_TOL[torch.bfloat16]
+    assert rel_err(logits[check].cpu(), ref_grad) <= GRAD_TOL[torch.bfloat16]

@@ -9,15 +9,22 @@
 
 #include "cuda/device_compat.cuh"
 #include "cuda/dtype_convert.cuh"
+#include "cuda/lce_rows_plan.h"
 #include "lce/lce_math.h"
 
 namespace fastreg {
 namespace lce_cuda {
 
-constexpr int kUnroll = 2;        // 16-byte loads in flight per thread
-constexpr int kMaxThreads = 512;  // CTA size upper bound (launch bounds)
-constexpr int kMaxCluster = 8;    // portable cluster size limit
-constexpr int kMinBlocks = 2;     // 2 x 512 threads per SM: at most 64 registers per thread
+constexpr int kUnroll = kPlanUnroll;  // 16-byte loads in flight per thread
+constexpr int kMaxThreads = 512;      // CTA size upper bound (launch bounds)
+// Launch bounds (kMaxThreads, kMinBlocks), chosen by `nvcc -Xptxas -v` (CUDA 13.0, -O3):
+//   kMinBlocks = 2 caps the kernel at 64 registers and every variant spills on sm_90 (fp32 8-16 B
+//   stores / 8-64 B loads per thread, bf16 12-24 / 36-72, fp64 44-80 / 48-152) and most on sm_80;
+//   kMinBlocks = 1 spills nowhere: sm_90 fp32 82-88, bf16/fp16 80-96, fp64 114-116 registers;
+//   sm_80 fp32 82-83, bf16/fp16 80, fp64 98-100.
+// The CTAs that need 512 threads hold >= 64 KiB row slices, so shared memory already limits them
+// to 1-3 per SM; 128/256-thread CTAs still fit 2-4 per SM at <= 128 registers.
+constexpr int kMinBlocks = 1;
 
 // ---------------------------------------------------------------------------------------------
 // dtype helpers: csrc/cuda/dtype_convert.cuh

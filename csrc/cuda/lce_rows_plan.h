@@ -57,7 +57,7 @@ struct RowPlan {
 
 constexpr int kPlanMaxCluster = 8;          // portable cluster size limit
 constexpr int64_t kPreferredSlice = 96 * 1024;  // keeps 2 CTAs per SM
-constexpr int kPlanUnroll = 2;             // = kUnroll of the kernel (vectors in flight per thread)
+constexpr int kPlanUnroll = 2;             // the kernel's kUnroll: 16-byte vectors in flight per thread
 
 inline int threads_for(int64_t slice_vecs) {
   if (slice_vecs >= 4096) return 512;

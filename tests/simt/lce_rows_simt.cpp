@@ -21,10 +21,12 @@ using fastreg::lce_cuda::RowArgs;
 using fastreg::lce_cuda::RowPlan;
 using fastreg::lce_cuda::RowPolicy;
 
+// "h100-unplaceable": an H100 on which no cluster can be placed (cudaOccupancyMaxActiveClusters
+// == 0, e.g. other work holds the GPCs): the launcher falls back to one CTA per row.
 DeviceDesc device_by_name(const std::string& name) {
-  if (name == "h100") return fastreg::lce_cuda::h100_desc();
+  if (name == "h100" || name == "h100-unplaceable") return fastreg::lce_cuda::h100_desc();
   if (name == "a100") return fastreg::lce_cuda::a100_desc();
-  throw simt::Error("unknown device description '" + name + "' (h100, a100)");
+  throw simt::Error("unknown device description '" + name + "' (h100, h100-unplaceable, a100)");
 }
 
 // "auto" (the planner's choice), "single-cached", "single-streaming", "cluster{2,4,8}-{cached,streaming}".
@@ -47,10 +49,12 @@ RowPolicy policy_by_name(const std::string& s) {
 }
 
 template <typename T>
-std::string run_typed(RowArgs a, const DeviceDesc& d, const RowPolicy& pol, simt::Schedule sched, uint64_t seed) {
+std::string run_typed(RowArgs a, const DeviceDesc& d, bool clusters_placeable, const RowPolicy& pol,
+                      simt::Schedule sched, uint64_t seed) {
   constexpr int VEC = fastreg::lce_cuda::Pack<T>::N;
   const int64_t static_smem = fastreg::lce_cuda::row_static_smem<T>();
-  const RowPlan p = fastreg::lce_cuda::plan_rows(d, a.rows, a.V / VEC, a.write_grad, static_smem, pol);
+  RowPlan p = fastreg::lce_cuda::plan_rows(d, a.rows, a.V / VEC, a.write_grad, static_smem, pol);
+  if (p.K > 1 && !clusters_placeable) p = fastreg::lce_cuda::single_cta_fallback(d, p, a.V / VEC, static_smem);
   if (p.K > 1 && !(d.clusters && d.cc >= 90)) throw simt::Error("a cluster plan on a device without clusters");
   if (p.cached && p.smem + static_smem > d.smem_optin) {
     throw simt::Error("the plan's shared memory exceeds the device's opt-in limit");
@@ -108,21 +112,22 @@ extern "C" int simt_lce_rows(const SimtLceCall* c, char* msg, int msg_len) {
     std::string name = "none";
     if (rows > 0) {
       const DeviceDesc d = device_by_name(c->device);
+      const bool placeable = std::string(c->device) != "h100-unplaceable";
       const RowPolicy pol = policy_by_name(c->strategy);
       const simt::Schedule sched = simt::parse_schedule(c->schedule);
       switch (c->dtype) {
         case kSimtF32:
-          name = run_typed<float>(a, d, pol, sched, c->seed);
+          name = run_typed<float>(a, d, placeable, pol, sched, c->seed);
           break;
         case kSimtF64:
-          name = run_typed<double>(a, d, pol, sched, c->seed);
+          name = run_typed<double>(a, d, placeable, pol, sched, c->seed);
           break;
 #ifndef SIMT_FLOAT_ONLY
         case kSimtBF16:
-          name = run_typed<__nv_bfloat16>(a, d, pol, sched, c->seed);
+          name = run_typed<__nv_bfloat16>(a, d, placeable, pol, sched, c->seed);
           break;
         case kSimtF16:
-          name = run_typed<__half>(a, d, pol, sched, c->seed);
+          name = run_typed<__half>(a, d, placeable, pol, sched, c->seed);
           break;
 #endif
         default:

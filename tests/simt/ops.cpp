@@ -1,5 +1,5 @@
 // Test-only torch operators torch.ops.fastreg_simt.*: fastreg's CUDA kernels executed by the CPU
-// SIMT runtime on CPU tensors (built by tests/simt/build.py for tests/test_simt.py).
+// SIMT runtime on CPU tensors (built by tests/simt/simt_build.py for tests/test_simt.py).
 //
 //   _lce_rows(<the arguments of fastreg::_lce_rows>, str device, str strategy, str schedule, int seed) -> str
 //       device: "h100" | "a100" (the planner's device description); strategy: "auto" (the plan
@@ -9,7 +9,10 @@
 //       Returns "launches=<n> batches=<tensors per launch>".
 //   _lce_plan(str device, int rows, int V, ScalarType dtype, bool write_grad, str strategy) -> str
 //   _optim_batch_cap(int lists) -> int
+//   _selftest(str name, str schedule) -> str   runtime self-tests (selftest.cpp)
+//   _convert(Tensor x, ScalarType dtype) -> (bits, back)   the runtime's bf16/fp16 conversions
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -193,6 +196,23 @@ std::string fused_adam(std::vector<Tensor> params, std::vector<Tensor> grads, st
 
 int64_t optim_batch_cap(int64_t lists) { return simt_optim_batch_cap(static_cast<int32_t>(lists)); }
 
+std::string selftest(const std::string& name, const std::string& schedule) {
+  char msg[1024];
+  const int rc = simt_selftest(name.c_str(), schedule.c_str(), msg, sizeof msg);
+  TORCH_CHECK(rc != 2, msg);
+  return rc == 0 ? std::string(msg) : "error: " + std::string(msg);
+}
+
+std::tuple<Tensor, Tensor> convert(const Tensor& x, c10::ScalarType dtype) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == c10::ScalarType::Float, "fastreg_simt._convert: x must be float32");
+  Tensor bits = at::empty(x.sizes(), x.options().dtype(c10::ScalarType::Short));
+  Tensor back = at::empty(x.sizes(), x.options());
+  simt_convert(x.const_data_ptr<float>(), reinterpret_cast<uint16_t*>(bits.data_ptr<int16_t>()),
+               back.data_ptr<float>(), x.numel(), simt_dtype(dtype));
+  return {bits, back};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastreg_simt, m) {
@@ -215,4 +235,6 @@ TORCH_LIBRARY(fastreg_simt, m) {
       "Tensor? grad_scale, Tensor? found_inf, str schedule, int seed) -> str",
       &fused_adam);
   m.def("_optim_batch_cap(int lists) -> int", &optim_batch_cap);
+  m.def("_selftest(str name, str schedule) -> str", &selftest);
+  m.def("_convert(Tensor x, ScalarType dtype) -> (Tensor bits, Tensor back)", &convert);
 }

@@ -51,4 +51,8 @@ int simt_lce_plan(const char* device, int64_t rows, int64_t V, int32_t dtype, in
 int simt_fused_optim(const SimtOptimCall* call, char* msg, int msg_len);
 // Batch capacity of one launch for a list count (the kernel-argument table).
 int simt_optim_batch_cap(int32_t lists);
+// Runtime self-tests (selftest.cpp): 0 and msg "out=..." when the kernel ran, 1 and the error.
+int simt_selftest(const char* name, const char* schedule, char* msg, int msg_len);
+// float -> bf16 (kind kSimtBF16) / fp16 (kSimtF16) bits with the runtime's conversion, and back.
+void simt_convert(const float* in, uint16_t* bits, float* back, int64_t n, int32_t kind);
 }

@@ -1,4 +1,4 @@
-"""Runs the row-pass kernel of a SIMT kernel library (tests/simt/build.py build_kernel_library)
+"""Runs the row-pass kernel of a SIMT kernel library (tests/simt/simt_build.py build_kernel_library)
 through ctypes on a few float32 cases, every schedule and three launch strategies, against
 fastreg's CPU kernel and across schedules (bit-identical). Used by the teeth test of
 tests/test_simt.py on mutated copies of the kernel source, in a subprocess (an out-of-bounds
@@ -70,6 +70,9 @@ def main():
                     print(f"MISMATCH {what}: loss err {rel_err(loss, loss_cpu):.3g}, grad err "
                           f"{rel_err(grad, grad_cpu):.3g} against the CPU kernel", flush=True)
                     failures += 1
+                if failures:
+                    print(f"{failures} mismatch(es)", flush=True)
+                    sys.exit(1)
                 if first is None:
                     first = (loss, grad)
                 elif not (torch.equal(first[0], loss) and torch.equal(first[1], grad)):

@@ -4,7 +4,7 @@ The kernel sources compiled are those of the checkout this file lives in (csrc/ 
 so the tests always execute the kernels being changed. torch.utils.cpp_extension + ninja, cached
 in <repo>/build/simt (ninja rebuilds what a source or header change touches).
 
-``build_kernel_library(csrc_dir, out_dir)`` compiles the plain C interface (simt_harness.h) of a
+``build_kernel_library(csrc_dir, out_dir, runtime_obj)`` compiles the plain C interface (simt_harness.h) of a
 possibly mutated kernel tree into a shared library for ctypes, as the teeth test does.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ BUILD_DIR = os.path.join(ROOT, "build", "simt")
 # -fno-strict-aliasing: the kernels reinterpret 128-bit packs as their elements, as CUDA allows.
 CFLAGS = ["-O2", "-std=c++20", "-DFASTREG_SIMT", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
           "-Wno-maybe-uninitialized"]
-RUNTIME_SOURCES = ["simt.cpp", "lce_rows_simt.cpp", "optim_simt.cpp"]
+RUNTIME_SOURCES = ["simt.cpp", "lce_rows_simt.cpp", "optim_simt.cpp", "selftest.cpp"]
 
 _loaded = False
 
@@ -48,13 +48,19 @@ def load():
     _loaded = True
 
 
-def build_kernel_library(csrc_dir: str, out_dir: str, float_only: bool = True) -> str:
-    """g++ the runtime + the row-pass harness against the kernel tree `csrc_dir` into
-    out_dir/libsimt_kernels.so (no torch headers: seconds, not minutes). Returns the path."""
+def build_runtime_object(out_dir: str) -> str:
+    """g++ -c the SIMT runtime (simt.cpp) once for several kernel libraries."""
+    obj = os.path.join(out_dir, "simt.o")
+    cmd = [os.environ.get("CXX", "g++"), "-c", "-fPIC", *CFLAGS, f"-I{HERE}", os.path.join(HERE, "simt.cpp"), "-o", obj]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return obj
+
+
+def build_kernel_library(csrc_dir: str, out_dir: str, runtime_obj: str, float_only: bool = True) -> str:
+    """g++ the row-pass harness against the kernel tree `csrc_dir`, linked with the runtime
+    object, into out_dir/libsimt_kernels.so (no torch headers: seconds, not minutes)."""
     out = os.path.join(out_dir, "libsimt_kernels.so")
-    cxx = os.environ.get("CXX", "g++")
-    cmd = [cxx, "-shared", "-fPIC", *CFLAGS, *(["-DSIMT_FLOAT_ONLY"] if float_only else []),
-           f"-I{HERE}", f"-I{csrc_dir}", os.path.join(HERE, "simt.cpp"), os.path.join(HERE, "lce_rows_simt.cpp"),
-           "-o", out, "-lpthread"]
+    cmd = [os.environ.get("CXX", "g++"), "-shared", "-fPIC", *CFLAGS, *(["-DSIMT_FLOAT_ONLY"] if float_only else []),
+           f"-I{HERE}", f"-I{csrc_dir}", os.path.join(HERE, "lce_rows_simt.cpp"), runtime_obj, "-o", out, "-lpthread"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
