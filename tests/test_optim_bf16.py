@@ -486,7 +486,7 @@ def simt_modes():
     if not os.path.exists(lib) or os.path.getmtime(lib) < max(os.path.getmtime(f) for f in sources + headers):
         sys.path.insert(0, os.path.join(ROOT, "tests", "simt"))
         try:
-            import build as simt_build  # tests/simt/build.py: the flags the harness is built with
+            import simt_build  # tests/simt/simt_build.py: the flags the harness is built with
         finally:
             sys.path.pop(0)
         cmd = [os.environ.get("CXX", "g++"), "-shared", "-fPIC", *simt_build.CFLAGS,
