@@ -44,15 +44,20 @@ TORCH_LIBRARY(fastreg, m) {
   // SGD: momentum_buffers and momentum_started (one-element uint8/bool flags: 0 until the buffer
   // holds a value, torch's `buf is None`) are empty when momentum == 0. Per-param counters and flags
   // (momentum_started, state_steps) may also come as ONE contiguous tensor holding all of them.
+  // bf16 training modes (both ops, exclusive): sr_seed >= 0 stores bf16 params with stochastic
+  // rounding, Philox bits keyed by (sr_seed, step, tensor index, element index) (optim_math.h);
+  // SGD then counts steps in sr_steps (like state_steps). master_params: fp32 copies of bf16/fp16
+  // params that take the update; the params receive their nearest rounding.
   m.def(
       "_fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] momentum_started, float lr, Tensor? lr_tensor, float momentum, float dampening, "
-      "float weight_decay, bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "float weight_decay, bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "int sr_seed=-1, Tensor(d!)[]? sr_steps=None, Tensor(e!)[]? master_params=None) -> ()");
   // Adam, and AdamW with decoupled_weight_decay. state_steps: one-element float32 counters (float64
   // accepted on CPU), incremented by the kernel. max_exp_avg_sqs is empty unless amsgrad.
   m.def(
       "_fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, int sr_seed=-1, Tensor(f!)[]? master_params=None) -> ()");
 }

@@ -102,7 +102,8 @@ struct NamedList {
 // those back).
 class Group {
  public:
-  Group(const char* op, const std::vector<NamedList>& lists) {
+  // fp32_list: the index of a float32 list of a bf16/fp16 group (the master weights), or -1.
+  Group(const char* op, const std::vector<NamedList>& lists, int fp32_list = -1) {
     const std::vector<Tensor>& params = *lists[0].tensors;
     n_ = static_cast<int64_t>(params.size());
     STD_TORCH_CHECK(n_ > 0, op, ": the params list is empty");
@@ -127,8 +128,13 @@ class Group {
                         "] is sparse; sparse gradients are not supported");
         STD_TORCH_CHECK(on_device(t), op, ": ", name, "[", i, "] is not on cuda:", device_,
                         " like params[0] (one call takes tensors of one device)");
-        STD_TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", name, "[", i, "] has another dtype than params[0]",
-                        " (one call takes tensors of one dtype)");
+        if (static_cast<int>(l) == fp32_list) {
+          STD_TORCH_CHECK(t.scalar_type() == ScalarType::Float, op, ": ", name, "[", i,
+                          "] must be float32 (master weights)");
+        } else {
+          STD_TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", name, "[", i, "] has another dtype than params[0]",
+                          " (one call takes tensors of one dtype)");
+        }
         STD_TORCH_CHECK(same_shape(t, p), op, ": ", name, "[", i, "] has another shape than params[", i, "]");
         contiguous = contiguous && t.is_contiguous();
         shared_dense = shared_dense && same_shape_and_strides(t, p);
@@ -219,9 +225,12 @@ void check_launch(const char* op) {
 
 // Launches `main` over the group in batches (for_each_launch, optim_kernels.cuh), each followed by
 // `epilogue` over the batch's counters (when the operator has counters).
+// `extra`, in the bf16 modes: the per-tensor pointers of the kernels' last list when it is not a list
+// of the group (SGD's stochastic-rounding step counters).
 template <int kLists, typename Hyper, typename MainKernel, typename EpilogueKernel>
 void launch_batches(const char* op, const Group& g, const std::vector<void*>* counters, const Hyper& h,
-                    const DeviceScalars& sc, MainKernel main, EpilogueKernel epilogue) {
+                    const DeviceScalars& sc, MainKernel main, EpilogueKernel epilogue, uint64_t sr_seed = 0,
+                    const std::vector<void*>* extra = nullptr) {
   torch::stable::accelerator::DeviceGuard guard(g.device());
   void* stream_ptr = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(g.device(), &stream_ptr));
@@ -231,7 +240,10 @@ void launch_batches(const char* op, const Group& g, const std::vector<void*>* co
                     " is too large");
   }
   for_each_launch<kLists>(
-      g.size(), [&](int l, int64_t i) { return g.at(l, i).mutable_data_ptr(); },
+      g.size(),
+      [&](int l, int64_t i) {
+        return extra != nullptr && l == kLists - 1 ? (*extra)[i] : g.at(l, i).mutable_data_ptr();
+      },
       [&](int64_t i) { return g.at(0, i).numel(); }, counters, h, sc,
       [&](const Args<kLists, Hyper>& args, int32_t chunks) {
         if (chunks > 0) {
@@ -242,7 +254,8 @@ void launch_batches(const char* op, const Group& g, const std::vector<void*>* co
           epilogue<<<epilogue_blocks(args.batch.count), kThreads, 0, stream>>>(args);
           check_launch(op);
         }
-      });
+      },
+      sr_seed);
 }
 
 // Runs f(S()) with S = the CUDA storage type of dtype.
@@ -267,12 +280,53 @@ void dispatch_storage(ScalarType dtype, F f) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// bf16 training modes (host side): which kernel a call takes, and its checks
+
+Bf16Mode bf16_mode(int64_t sr_seed, const std::optional<std::vector<Tensor>>& master_params) {
+  const bool master = master_params.has_value() && !master_params->empty();
+  STD_TORCH_CHECK(!(master && sr_seed >= 0), "fastreg optimizers: stochastic rounding and master weights are "
+                  "exclusive (the params are the nearest rounding of their master copy)");
+  return master ? Bf16Mode::kMaster : (sr_seed >= 0 ? Bf16Mode::kStochastic : Bf16Mode::kPlain);
+}
+
+// Appends the master weights to the call's lists (kMaster); returns their index, or -1.
+int append_master_list(Bf16Mode mode, std::optional<std::vector<Tensor>>& master_params,
+                       std::vector<NamedList>& lists) {
+  if (mode != Bf16Mode::kMaster) return -1;
+  lists.push_back({"master_params", &*master_params, true});
+  return static_cast<int>(lists.size()) - 1;
+}
+
+void check_mode(const char* op, Bf16Mode mode, ScalarType dtype) {
+  STD_TORCH_CHECK(mode != Bf16Mode::kStochastic || dtype == ScalarType::BFloat16, op,
+                  ": stochastic rounding needs bfloat16 params");
+  STD_TORCH_CHECK(mode != Bf16Mode::kMaster || dtype == ScalarType::BFloat16 || dtype == ScalarType::Half, op,
+                  ": master weights need bfloat16 or float16 params");
+}
+
+// Calls f(std::integral_constant<Bf16Mode, mode>()).
+template <typename F>
+void with_mode(Bf16Mode mode, F f) {
+  switch (mode) {
+    case Bf16Mode::kStochastic:
+      f(std::integral_constant<Bf16Mode, Bf16Mode::kStochastic>());
+      break;
+    case Bf16Mode::kMaster:
+      f(std::integral_constant<Bf16Mode, Bf16Mode::kMaster>());
+      break;
+    default:
+      f(std::integral_constant<Bf16Mode, Bf16Mode::kPlain>());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Operators
 
 void fused_sgd_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> momentum_buffers,
                     std::vector<Tensor> momentum_started, double lr, std::optional<Tensor> lr_tensor, double momentum,
                     double dampening, double weight_decay, bool nesterov, bool maximize,
-                    std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
+                    std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf, int64_t sr_seed,
+                    std::optional<std::vector<Tensor>> sr_steps, std::optional<std::vector<Tensor>> master_params) {
   constexpr const char* op = "fastreg::_fused_sgd_";
   const bool use_momentum = momentum != 0.0;
   std::vector<NamedList> lists = {{"params", &params, true}, {"grads", &grads, false}};
@@ -282,10 +336,19 @@ void fused_sgd_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std::
     STD_TORCH_CHECK(momentum_buffers.empty() && momentum_started.empty(), op,
                     ": momentum is 0 so momentum_buffers and momentum_started must be empty");
   }
-  Group g(op, lists);
+  const Bf16Mode mode = bf16_mode(sr_seed, master_params);
+  const int master_list = append_master_list(mode, master_params, lists);
+  Group g(op, lists, master_list);
+  check_mode(op, mode, g.dtype());
   std::vector<void*> flags;
   if (use_momentum) {
     flags = counter_pointers(op, "momentum_started", momentum_started, g, ScalarType::Byte, ScalarType::Bool);
+  }
+  std::vector<void*> steps;
+  if (mode == Bf16Mode::kStochastic) {
+    STD_TORCH_CHECK(sr_steps.has_value(), op, ": stochastic rounding needs sr_steps");
+    steps = counter_pointers(op, "sr_steps", *sr_steps, g, ScalarType::Float, ScalarType::Float);
+    if (!use_momentum) flags.assign(g.size(), nullptr);  // the epilogue still runs: it counts the steps
   }
   const DeviceScalars sc{device_scalar(op, "lr_tensor", lr_tensor, g), device_scalar(op, "grad_scale", grad_scale, g),
                          device_scalar(op, "found_inf", found_inf, g)};
@@ -295,17 +358,24 @@ void fused_sgd_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std::
     using M = typename AccOf<S>::type;
     // the kernels replace lr and the grad scale when those come as tensors
     const auto h = optim::make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, 1.0, nesterov, maximize);
-    auto run = [&](auto momentum_tag) {
+    auto run = [&](auto momentum_tag, auto mode_tag) {
       constexpr bool kMomentum = decltype(momentum_tag)::value;
-      constexpr int kLists = kMomentum ? 3 : 2;
-      launch_batches<kLists>(op, g, kMomentum ? &flags : nullptr, h, sc, sgd_kernel<S, kMomentum>,
-                             counter_epilogue<Counter::kSgdStarted, kLists, SgdHyper<M>>);
+      constexpr Bf16Mode kMode = decltype(mode_tag)::value;
+      constexpr int kLists = (kMomentum ? 3 : 2) + kModeLists<kMode, true>;
+      if constexpr (kMode == Bf16Mode::kPlain || sizeof(S) == 2) {
+        launch_batches<kLists>(op, g, kMomentum || kMode == Bf16Mode::kStochastic ? &flags : nullptr, h, sc,
+                               sgd_kernel<S, kMomentum, kMode>,
+                               counter_epilogue<Counter::kSgdStarted, kLists, SgdHyper<M>, kMode>,
+                               static_cast<uint64_t>(sr_seed), kMode == Bf16Mode::kStochastic ? &steps : nullptr);
+      }
     };
-    if (use_momentum) {
-      run(std::true_type());
-    } else {
-      run(std::false_type());
-    }
+    with_mode(mode, [&](auto mode_tag) {
+      if (use_momentum) {
+        run(std::true_type(), mode_tag);
+      } else {
+        run(std::false_type(), mode_tag);
+      }
+    });
   });
   g.finish();
 }
@@ -314,7 +384,8 @@ void fused_adam_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                      std::vector<Tensor> exp_avg_sqs, std::vector<Tensor> max_exp_avg_sqs,
                      std::vector<Tensor> state_steps, double lr, std::optional<Tensor> lr_tensor, double beta1,
                      double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
-                     bool decoupled_weight_decay, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
+                     bool decoupled_weight_decay, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf,
+                     int64_t sr_seed, std::optional<std::vector<Tensor>> master_params) {
   constexpr const char* op = "fastreg::_fused_adam_";
   std::vector<NamedList> lists = {{"params", &params, true},
                                   {"grads", &grads, false},
@@ -325,7 +396,10 @@ void fused_adam_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std:
   } else {
     STD_TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": amsgrad is off so max_exp_avg_sqs must be empty");
   }
-  Group g(op, lists);
+  const Bf16Mode mode = bf16_mode(sr_seed, master_params);
+  const int master_list = append_master_list(mode, master_params, lists);
+  Group g(op, lists, master_list);
+  check_mode(op, mode, g.dtype());
   const std::vector<void*> steps = counter_pointers(op, "state_steps", state_steps, g, ScalarType::Float, ScalarType::Float);
   const DeviceScalars sc{device_scalar(op, "lr_tensor", lr_tensor, g), device_scalar(op, "grad_scale", grad_scale, g),
                          device_scalar(op, "found_inf", found_inf, g)};
@@ -335,17 +409,23 @@ void fused_adam_cuda(std::vector<Tensor> params, std::vector<Tensor> grads, std:
     using M = typename AccOf<S>::type;
     // the kernels replace lr and the grad scale when those come as tensors
     const auto h = optim::make_adam_hyper<M>(lr, beta1, beta2, weight_decay, eps, 1.0, maximize, decoupled_weight_decay);
-    auto run = [&](auto amsgrad_tag) {
+    auto run = [&](auto amsgrad_tag, auto mode_tag) {
       constexpr bool kAmsgrad = decltype(amsgrad_tag)::value;
-      constexpr int kLists = kAmsgrad ? 5 : 4;
-      launch_batches<kLists>(op, g, &steps, h, sc, adam_kernel<S, kAmsgrad>,
-                             counter_epilogue<Counter::kAdamStep, kLists, AdamHyper<M>>);
+      constexpr Bf16Mode kMode = decltype(mode_tag)::value;
+      constexpr int kLists = (kAmsgrad ? 5 : 4) + kModeLists<kMode, false>;
+      if constexpr (kMode == Bf16Mode::kPlain || sizeof(S) == 2) {
+        launch_batches<kLists>(op, g, &steps, h, sc, adam_kernel<S, kAmsgrad, kMode>,
+                               counter_epilogue<Counter::kAdamStep, kLists, AdamHyper<M>>,
+                               static_cast<uint64_t>(sr_seed));
+      }
     };
-    if (amsgrad) {
-      run(std::true_type());
-    } else {
-      run(std::false_type());
-    }
+    with_mode(mode, [&](auto mode_tag) {
+      if (amsgrad) {
+        run(std::true_type(), mode_tag);
+      } else {
+        run(std::false_type(), mode_tag);
+      }
+    });
   });
   g.finish();
 }

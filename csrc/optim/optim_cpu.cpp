@@ -7,6 +7,11 @@
 // run is processed tensor piece by tensor piece with vectorised loops over plain float/double
 // arrays; bf16/fp16 tensors go through small float staging buffers (math in fp32, one rounding on
 // store).
+//
+// bf16 training modes (fused_*_cpu's BF16Modes): with stochastic rounding the bf16 params are
+// stored through optim::bf16_bits_stochastic with Philox bits keyed by each element's index in
+// its tensor (so neither the split between threads nor the staging matters); with master weights
+// the fp32 master copy takes the params' place in the update and the params receive its rounding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -263,7 +268,9 @@ inline void prefetch_storage(const at::Tensor& t) {
 // (with thousands of tensors those copies, and their release, are a large part of a call).
 class TensorRefs {
  public:
-  explicit TensorRefs(const c10::IValue& list) : items_(list.toListRef()) {}
+  // (None, for an optional list argument, reads as an empty list)
+  explicit TensorRefs(const c10::IValue& list)
+      : items_(list.isNone() ? c10::ArrayRef<c10::IValue>() : list.toListRef()) {}
   size_t size() const { return items_.size(); }
   bool empty() const { return items_.empty(); }
   const at::Tensor& operator[](size_t i) const { return items_[i].toTensor(); }
@@ -278,8 +285,10 @@ class TensorRefs {
 // contiguous temporaries that are copied back by finish().
 class FlatGroup {
  public:
+  // fp32_list: the index of a list of float32 tensors in a bf16/fp16 group (the master weights),
+  // or -1; every other list has the params' dtype.
   FlatGroup(const char* op, const std::vector<std::pair<const char*, TensorRefs>>& lists,
-            const std::vector<bool>& written)
+            const std::vector<bool>& written, int64_t fp32_list = -1)
       : num_lists_(static_cast<int64_t>(lists.size())) {
     const TensorRefs& params = lists[0].second;
     num_tensors_ = static_cast<int64_t>(params.size());
@@ -309,8 +318,13 @@ class FlatGroup {
         TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is sparse; sparse gradients are not supported");
         TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(),
                     " but this group's params are on cpu (one call takes tensors of one device)");
-        TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-                    " but params has ", dtype_, " (one call takes tensors of one dtype)");
+        if (l == fp32_list) {
+          TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+                      " but master weights must be float32");
+        } else {
+          TORCH_CHECK(t.scalar_type() == dtype_, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+                      " but params has ", dtype_, " (one call takes tensors of one dtype)");
+        }
         TORCH_CHECK(t.sizes().equals(p.sizes()), op, ": ", name, "[", i, "] has shape ", t.sizes(),
                     " but params[", i, "] has shape ", p.sizes());
         contiguous = contiguous && t.is_contiguous();
@@ -419,6 +433,117 @@ void run_pieces(const FlatGroup& group, const int64_t (&lists)[kArrays], const b
   }
 }
 
+// ================================================================================================
+// bf16 training modes
+// ================================================================================================
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the stochastic-rounding streams read Philox words as "
+              "little-endian 16-bit halves");
+// Known-answer tests of Random123 for Philox4x32-10 (checked at compile time).
+static_assert(optim::philox4x32_10(optim::Philox4{{0, 0, 0, 0}}, 0, 0).v[0] == 0x6627e8d5u &&
+                  optim::philox4x32_10(optim::Philox4{{0, 0, 0, 0}}, 0, 0).v[3] == 0x9b00dbd8u,
+              "Philox4x32-10 known answer (zero counter and key)");
+static_assert(optim::philox4x32_10(optim::Philox4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}},
+                                   0xa4093822u, 0x299f31d0u)
+                      .v[1] == 0x94fdccebu,
+              "Philox4x32-10 known answer (pi digits)");
+
+// What a call does beyond the plain update (fastreg's bf16 training modes); all off by default.
+struct BF16Modes {
+  int64_t sr_seed = -1;                    // >= 0: stochastic rounding of bf16 params with this seed
+  const TensorRefs* sr_steps = nullptr;    // SGD: the per-param step counters keying the streams
+  const TensorRefs* master = nullptr;      // fp32 master weights (parallel to params), or none
+  bool stochastic() const { return sr_seed >= 0; }
+  bool has_master() const { return master != nullptr && !master->empty(); }
+};
+
+// The per-call checks of the modes, given the params' dtype.
+void check_modes(const char* op, const BF16Modes& modes, at::ScalarType dtype) {
+  TORCH_CHECK(!(modes.stochastic() && modes.has_master()), op,
+              ": stochastic rounding and master weights are exclusive (the params are the nearest rounding of "
+              "their master copy)");
+  TORCH_CHECK(!modes.stochastic() || dtype == at::kBFloat16, op,
+              ": stochastic rounding needs bfloat16 params, got ", dtype);
+  TORCH_CHECK(!modes.has_master() || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": master weights need bfloat16 or float16 params, got ", dtype);
+}
+
+// Appends the master weights (when used) to a call's lists; returns their index, or -1.
+int64_t append_master_list(const BF16Modes& modes, std::vector<std::pair<const char*, TensorRefs>>& lists,
+                           std::vector<bool>& written) {
+  if (!modes.has_master()) return -1;
+  lists.emplace_back("master_params", *modes.master);
+  written.push_back(true);
+  return static_cast<int64_t>(lists.size()) - 1;
+}
+
+// Stores n floats as bf16 with stochastic rounding; src[j] is element first + j of tensor
+// `tensor`. The Philox blocks covering the range are generated into a buffer whose 16-bit halves
+// are then the elements' random bits in order (optim::sr_random16 defines the layout).
+FASTREG_CLONES void store_bf16_stochastic(c10::BFloat16* dst, const float* src, int64_t n, uint64_t seed,
+                                          uint32_t step, uint32_t tensor, int64_t first) {
+  constexpr int64_t kPer = optim::kSrElementsPerBlock;
+  constexpr int64_t kMaxBlocks = kStage / kPer + 1;
+  alignas(64) uint32_t word[4][kMaxBlocks];   // word w of block b0 + b, one array per word: vectorises
+  alignas(64) uint16_t bits[kMaxBlocks * kPer];
+  const int64_t b0 = first / kPer;
+  const int64_t blocks = (first + n + kPer - 1) / kPer - b0;
+#pragma omp simd
+  for (int64_t b = 0; b < blocks; ++b) {
+    const optim::Philox4 r = optim::sr_block(seed, step, tensor, static_cast<uint64_t>(b0 + b));
+    word[0][b] = r.v[0];
+    word[1][b] = r.v[1];
+    word[2][b] = r.v[2];
+    word[3][b] = r.v[3];
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int w = 0; w < 4; ++w) {
+      bits[b * kPer + 2 * w] = static_cast<uint16_t>(word[w][b]);
+      bits[b * kPer + 2 * w + 1] = static_cast<uint16_t>(word[w][b] >> 16);
+    }
+  }
+  const uint16_t* random16 = bits + (first - b0 * kPer);
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = optim::bf16_bits_stochastic(src[j], random16[j]);
+}
+
+// run_pieces for a bf16/fp16 group in one of the modes: f(i, arrays, k) as there, but slot 0 (the
+// params) is, with master weights, the fp32 master copy itself (list `master_list`, updated in
+// place; the params then get its nearest rounding), and with stochastic rounding the staged
+// params are stored by store_bf16_stochastic with tensor i's step key sr_steps[i].
+template <int kArrays, typename F>
+void run_pieces_modes(const FlatGroup& group, const int64_t (&lists)[kArrays], const bool (&written)[kArrays],
+                      const BF16Modes& modes, int64_t master_list, const std::vector<uint32_t>& sr_steps, F f) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(group.dtype(), "fastreg_optim_cpu_modes", [&] {
+    group.for_each_piece([&](int64_t i, int64_t off, int64_t len) {
+      float buffers[kArrays][kStage];
+      float* staged_ptrs[kArrays];
+      scalar_t* arrays[kArrays];
+      for (int a = 0; a < kArrays; ++a) arrays[a] = lists[a] < 0 ? nullptr : group.ptr<scalar_t>(i, lists[a]) + off;
+      float* master = modes.has_master() ? group.ptr<float>(i, master_list) + off : nullptr;
+      for (int64_t done = 0; done < len; done += kStage) {
+        const int64_t k = std::min(kStage, len - done);
+        for (int a = 0; a < kArrays; ++a) {
+          staged_ptrs[a] = arrays[a] != nullptr ? buffers[a] : nullptr;
+          if (arrays[a] != nullptr && !(a == 0 && master != nullptr)) load_stage(buffers[a], arrays[a] + done, k);
+        }
+        if (master != nullptr) staged_ptrs[0] = master + done;
+        f(i, staged_ptrs, k);
+        for (int a = 1; a < kArrays; ++a) {
+          if (arrays[a] != nullptr && written[a]) store_stage(arrays[a] + done, buffers[a], k);
+        }
+        if (master != nullptr) {
+          store_stage(arrays[0] + done, master + done, k);
+        } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          store_bf16_stochastic(arrays[0] + done, buffers[0], k, static_cast<uint64_t>(modes.sr_seed), sr_steps[i],
+                                static_cast<uint32_t>(i), off + done);
+        }
+      }
+    });
+  });
+}
+
 // Calls f(T()) with T = the math type of a parameter dtype: double for fp64, float otherwise.
 template <typename F>
 void with_math_type(at::ScalarType dtype, F f) {
@@ -504,10 +629,24 @@ Counters counter_pointers(const char* op, const char* name, const TensorRefs& li
 // SGD
 // ================================================================================================
 
+// SGD's stochastic-rounding step counters: increments each and returns the new counts as keys.
+std::vector<uint32_t> advance_counters(const Counters& counters) {
+  std::vector<uint32_t> keys(counters.ptr.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (counters.f64) {
+      keys[i] = optim::sr_step_key(*static_cast<double*>(counters.ptr[i]) += 1.0);
+    } else {
+      keys[i] = optim::sr_step_key(*static_cast<float*>(counters.ptr[i]) += 1.0f);
+    }
+  }
+  return keys;
+}
+
 void fused_sgd_cpu(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& momentum_buffers,
                    const TensorRefs& momentum_started, double lr, const std::optional<at::Tensor>& lr_tensor,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const BF16Modes& modes = {}) {
   constexpr const char* op = "fastreg::_fused_sgd_";
   const bool use_momentum = momentum != 0.0;
   std::vector<std::pair<const char*, TensorRefs>> lists = {{"params", params}, {"grads", grads}};
@@ -522,11 +661,19 @@ void fused_sgd_cpu(const TensorRefs& params, const TensorRefs& grads, const Tens
     TORCH_CHECK(momentum_buffers.empty() && momentum_started.empty(), op,
                 ": momentum is 0 so momentum_buffers and momentum_started must be empty");
   }
-  FlatGroup group(op, lists, written);
+  const int64_t master_list = append_master_list(modes, lists, written);
+  FlatGroup group(op, lists, written, master_list);
+  check_modes(op, modes, group.dtype());
+  Counters sr_counters;
+  if (modes.stochastic()) {
+    TORCH_CHECK(modes.sr_steps != nullptr, op, ": stochastic rounding needs sr_steps");
+    sr_counters = counter_pointers(op, "sr_steps", *modes.sr_steps, group.num_tensors(), {at::kFloat, at::kDouble});
+  }
   const CommonArgs args = read_common_args(op, lr, lr_tensor, grad_scale, found_inf);
   if (args.skip) return;
 
   const int64_t n = group.num_tensors();
+  const std::vector<uint32_t> sr_steps = advance_counters(sr_counters);
   // first[i]: the momentum buffer of tensor i has never been written (torch's `buf is None`).
   std::vector<uint8_t> first(n, 0);
   if (use_momentum) {
@@ -542,9 +689,14 @@ void fused_sgd_cpu(const TensorRefs& params, const TensorRefs& grads, const Tens
     using T = decltype(zero);
     const auto h = optim::make_sgd_hyper<T>(args.lr, momentum, dampening, weight_decay, args.inv_grad_scale,
                                              nesterov, maximize);
-    run_pieces<T>(group, slots, kWritten, [&](int64_t i, T* const* a, int64_t k) {
-      sgd_span(a[0], a[1], a[2], k, first[i], h);
-    });
+    auto span = [&](int64_t i, T* const* a, int64_t k) { sgd_span(a[0], a[1], a[2], k, first[i], h); };
+    if constexpr (std::is_same_v<T, float>) {
+      if (modes.stochastic() || modes.has_master()) {
+        run_pieces_modes(group, slots, kWritten, modes, master_list, sr_steps, span);
+        return;
+      }
+    }
+    run_pieces<T>(group, slots, kWritten, span);
   });
   group.finish();
 }
@@ -554,11 +706,14 @@ void fused_sgd_cpu(const TensorRefs& params, const TensorRefs& grads, const Tens
 // ================================================================================================
 
 // Increments every step counter (in its own dtype, like torch's `step += 1`) and returns the
-// per-tensor scalars that follow from the new count.
+// per-tensor scalars that follow from the new count; sr_steps (when given) receives the
+// stochastic-rounding step key of each tensor.
 template <typename T>
-std::vector<AdamStepScalars<T>> advance_steps(const Counters& counters, const AdamHyper<T>& h) {
+std::vector<AdamStepScalars<T>> advance_steps(const Counters& counters, const AdamHyper<T>& h,
+                                              std::vector<uint32_t>* sr_steps) {
   const size_t n = counters.ptr.size();
   std::vector<AdamStepScalars<T>> out(n);
+  if (sr_steps != nullptr) sr_steps->resize(n);
   for (size_t i = 0; i < n; ++i) {
     if (i + kAheadImpl < n) __builtin_prefetch(counters.ptr[i + kAheadImpl], 1);
     T step;
@@ -566,10 +721,12 @@ std::vector<AdamStepScalars<T>> advance_steps(const Counters& counters, const Ad
       double* c = static_cast<double*>(counters.ptr[i]);
       *c += 1.0;
       step = static_cast<T>(*c);
+      if (sr_steps != nullptr) (*sr_steps)[i] = optim::sr_step_key(*c);
     } else {
       float* c = static_cast<float*>(counters.ptr[i]);
       *c += 1.0f;
       step = static_cast<T>(*c);
+      if (sr_steps != nullptr) (*sr_steps)[i] = optim::sr_step_key(*c);
     }
     out[i] = optim::adam_step_scalars(h, h.lr, step);
   }
@@ -581,7 +738,8 @@ void fused_adam_cpu(const TensorRefs& params, const TensorRefs& grads, const Ten
                     double lr,
                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
                     double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const BF16Modes& modes = {}) {
   constexpr const char* op = "fastreg::_fused_adam_";
   std::vector<std::pair<const char*, TensorRefs>> lists = {
       {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
@@ -592,7 +750,9 @@ void fused_adam_cpu(const TensorRefs& params, const TensorRefs& grads, const Ten
   } else {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": amsgrad is off so max_exp_avg_sqs must be empty");
   }
-  FlatGroup group(op, lists, written);
+  const int64_t master_list = append_master_list(modes, lists, written);
+  FlatGroup group(op, lists, written, master_list);
+  check_modes(op, modes, group.dtype());
   const Counters counters =
       counter_pointers(op, "state_steps", state_steps, group.num_tensors(), {at::kFloat, at::kDouble});
   const CommonArgs args = read_common_args(op, lr, lr_tensor, grad_scale, found_inf);
@@ -604,10 +764,16 @@ void fused_adam_cpu(const TensorRefs& params, const TensorRefs& grads, const Ten
     using T = decltype(zero);
     const auto h = optim::make_adam_hyper<T>(args.lr, beta1, beta2, weight_decay, eps, args.inv_grad_scale, maximize,
                                               decoupled_weight_decay);
-    const auto scalars = advance_steps(counters, h);
-    run_pieces<T>(group, slots, kWritten, [&](int64_t i, T* const* a, int64_t k) {
-      adam_span(a[0], a[1], a[2], a[3], a[4], k, h, scalars[i]);
-    });
+    std::vector<uint32_t> sr_steps;
+    const auto scalars = advance_steps(counters, h, modes.stochastic() ? &sr_steps : nullptr);
+    auto span = [&](int64_t i, T* const* a, int64_t k) { adam_span(a[0], a[1], a[2], a[3], a[4], k, h, scalars[i]); };
+    if constexpr (std::is_same_v<T, float>) {
+      if (modes.stochastic() || modes.has_master()) {
+        run_pieces_modes(group, slots, kWritten, modes, master_list, sr_steps, span);
+        return;
+      }
+    }
+    run_pieces<T>(group, slots, kWritten, span);
   });
   group.finish();
 }
@@ -634,21 +800,30 @@ std::optional<at::Tensor> optional_tensor(const c10::IValue& v) {
 }
 
 void fused_sgd_boxed(const c10::OperatorHandle&, torch::jit::Stack* stack) {
-  constexpr size_t kArgs = 13;
+  constexpr size_t kArgs = 16;
   const auto a = torch::jit::last(*stack, kArgs);
+  const TensorRefs sr_steps(a[14]), master(a[15]);
+  BF16Modes modes;
+  modes.sr_seed = a[13].toInt();
+  modes.sr_steps = &sr_steps;
+  modes.master = &master;
   fused_sgd_cpu(TensorRefs(a[0]), TensorRefs(a[1]), TensorRefs(a[2]), TensorRefs(a[3]), a[4].toDouble(),
                 optional_tensor(a[5]), a[6].toDouble(), a[7].toDouble(), a[8].toDouble(), a[9].toBool(),
-                a[10].toBool(), optional_tensor(a[11]), optional_tensor(a[12]));
+                a[10].toBool(), optional_tensor(a[11]), optional_tensor(a[12]), modes);
   torch::jit::drop(*stack, kArgs);
 }
 
 void fused_adam_boxed(const c10::OperatorHandle&, torch::jit::Stack* stack) {
-  constexpr size_t kArgs = 17;
+  constexpr size_t kArgs = 19;
   const auto a = torch::jit::last(*stack, kArgs);
+  const TensorRefs master(a[18]);
+  BF16Modes modes;
+  modes.sr_seed = a[17].toInt();
+  modes.master = &master;
   fused_adam_cpu(TensorRefs(a[0]), TensorRefs(a[1]), TensorRefs(a[2]), TensorRefs(a[3]), TensorRefs(a[4]),
                  TensorRefs(a[5]), a[6].toDouble(), optional_tensor(a[7]), a[8].toDouble(), a[9].toDouble(),
                  a[10].toDouble(), a[11].toDouble(), a[12].toBool(), a[13].toBool(), a[14].toBool(),
-                 optional_tensor(a[15]), optional_tensor(a[16]));
+                 optional_tensor(a[15]), optional_tensor(a[16]), modes);
   torch::jit::drop(*stack, kArgs);
 }
 

@@ -17,9 +17,15 @@
 //   m  = lerp(m, g, 1 - beta1);  v = v * beta2 + (1 - beta2) * g * g
 //   vmax = max(vmax, v) (amsgrad);  denom = sqrt(amsgrad ? vmax : v) / sqrt(1 - beta2^t) + eps
 //   p += -(lr / (1 - beta1^t)) * (m / denom)
+//
+// bf16 training modes (the end of this file): stochastic rounding of the updated fp32 value to
+// bf16 with random bits from Philox4x32-10 keyed by (seed, step, tensor, element), and the nearest
+// rounding of an fp32 master copy. Both kernels call the same functions, so the CPU and the CUDA
+// kernel write the same bits.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common.h"
 
@@ -167,6 +173,90 @@ template <bool AMSGRAD, typename T>
 FASTREG_HD void adam_update(T& p, T grad, T& m, T& v, T& vmax, const AdamHyper<T>& h, const AdamStepScalars<T>& s) {
   const T second = adam_moments<AMSGRAD>(p, grad, m, v, vmax, h);
   p = adam_apply(p, m, math_sqrt(second), h, s);
+}
+
+// ---- bf16 rounding: nearest and stochastic -----------------------------------------------------
+
+// The bits of a float, and back (memcpy: defined behaviour, compiles to a register move).
+FASTREG_HD uint32_t float_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+// bf16 bits nearest to x (ties to even), as c10::BFloat16 and __float2bfloat16_rn round; NaN stays
+// a quiet NaN of the same sign.
+FASTREG_HD uint16_t bf16_bits_nearest(float x) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Stochastic rounding of x to bf16, given 16 uniformly random bits: a bf16 value keeps the top 16
+// bits of a float, so adding the random bits to the 16 dropped ones carries into the kept part with
+// probability (dropped bits) / 2^16, i.e. x rounds away from zero with probability equal to its
+// distance from the bf16 value below it in magnitude, over the gap: E[result] = x exactly
+// (sign-magnitude: the same holds for negative x). A value beyond the largest finite bf16 rounds
+// to inf with that same probability. Inf stays inf, NaN stays NaN.
+FASTREG_HD uint16_t bf16_bits_stochastic(float x, uint32_t random16) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return bf16_bits_nearest(x);  // inf, NaN
+  return static_cast<uint16_t>((u + (random16 & 0xffffu)) >> 16);
+}
+
+// ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) -------
+//
+// A counter-based generator: 128 random bits are a pure function of a 128-bit counter and a 64-bit
+// key, so any element's bits can be computed anywhere, in any order, by any thread.
+
+struct Philox4 {
+  uint32_t v[4];
+};
+
+FASTREG_HD constexpr uint32_t mul_hi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+FASTREG_HD constexpr Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // multipliers
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = mul_hi32(kM0, c.v[0]), lo0 = kM0 * c.v[0];
+    const uint32_t hi1 = mul_hi32(kM1, c.v[2]), lo1 = kM1 * c.v[2];
+    c = Philox4{{hi1 ^ c.v[1] ^ k0, lo1, hi0 ^ c.v[3] ^ k1, lo0}};
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return c;
+}
+
+// Stochastic rounding streams. Element e of tensor `tensor` at optimizer step `step` (the step
+// count after the update, 1-based) takes 16 bits of the Philox block
+//   counter = (e / 8 low 32 bits, e / 8 high 32 bits, step, tensor),  key = seed (64 bits)
+// namely 16-bit half (e % 2) of 32-bit word (e % 8) / 2: read as little-endian 16-bit words, the
+// four 32-bit outputs of block b are the random bits of elements 8b .. 8b + 7 in order. The bits
+// depend on nothing but (seed, step, tensor, e): not on threads, chunks or launch layout.
+constexpr int kSrElementsPerBlock = 8;
+
+FASTREG_HD constexpr Philox4 sr_block(uint64_t seed, uint32_t step, uint32_t tensor, uint64_t block) {
+  return philox4x32_10(
+      Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), step, tensor}},
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// The 16 random bits of element e (one Philox block per call: kernels that round 8 consecutive
+// elements compute the block once and take its halves in order instead).
+FASTREG_HD uint32_t sr_random16(uint64_t seed, uint32_t step, uint32_t tensor, uint64_t e) {
+  const Philox4 r = sr_block(seed, step, tensor, e / kSrElementsPerBlock);
+  const uint32_t lane = static_cast<uint32_t>(e % kSrElementsPerBlock);
+  return (r.v[lane / 2] >> (16 * (lane % 2))) & 0xffffu;
+}
+
+// The step a stream is keyed by: the optimizer's step counter (a float holding an integer),
+// wrapped to 32 bits.
+template <typename T>
+FASTREG_HD uint32_t sr_step_key(T step) {
+  return static_cast<uint32_t>(static_cast<uint64_t>(step));
 }
 
 }  // namespace optim

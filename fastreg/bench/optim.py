@@ -3,7 +3,17 @@
 torch.optim runs an optimizer as a Python for-loop over tensors (``foreach=False``), as
 multi-tensor "foreach" kernels, or as one fused kernel per device/dtype (``fused=True``).
 Each provider is checked first: K steps on the benchmark's own parameters must match torch's
-for-loop optimizer run in float64 on the same starting values and gradients.
+for-loop optimizer run in float64 on the same starting values and gradients (bf16/fp16 params: to
+within twice the error of torch's for-loop optimizer in the same dtype, or 3e-2).
+
+bf16 training modes (bfloat16 params only, ``--optim-dtype bfloat16``): ``fastreg-sr``
+(stochastic rounding) and ``fastreg-master`` (fp32 master weights) run beside the plain fused
+step. Their rows count their own bytes per parameter (master weights: the fp32 copy is read and
+written, the bf16 parameter only written). Their checks: master weights, the master copies'
+update against the float64 reference (same tolerance); stochastic rounding, every element within
+3 bf16 spacings of the reference update, and no bias: the error projected on the sign of the
+reference update, summed, is under 5 % of the summed reference update (round-to-nearest of
+updates below half a spacing fails this with -100 %).
 """
 from __future__ import annotations
 
@@ -61,6 +71,13 @@ class Provider:
     build: Callable[[str, list], torch.optim.Optimizer]
     unavailable: Callable[[str], Optional[str]] = lambda device: None
     default: bool = True
+    mode: Optional[str] = None  # fastreg's bf16 modes: "sr" / "master" (bfloat16 params only)
+
+
+def bytes_moved(cfg: OptimConfig, mode: Optional[str]) -> int:
+    """Bytes a step reads and writes; with master weights the bf16 parameter is written but not
+    read, the fp32 copy read and written: 4 + 4 - 2 bytes per parameter more."""
+    return cfg.bytes_moved + (6 * cfg.params if mode == "master" else 0)
 
 
 def _fastreg_missing(device):
@@ -73,10 +90,10 @@ def _fastreg_missing(device):
     return None
 
 
-def _build_fastreg(opt, params):
+def _build_fastreg(opt, params, **modes):
     import fastreg.optim as fo
     spec = OPTIMIZERS[opt]
-    return getattr(fo, spec.torch_cls.__name__)(params, **spec.hyper)
+    return getattr(fo, spec.torch_cls.__name__)(params, **spec.hyper, **modes)
 
 
 def _torch(**flags):
@@ -94,6 +111,10 @@ def _build_wrong(opt, params):
 
 PROVIDERS = {p.name: p for p in [
     Provider("fastreg", "fastreg.optim (one fused kernel call per dtype group)", _build_fastreg, _fastreg_missing),
+    Provider("fastreg-sr", "fastreg.optim, stochastic_rounding=True (bfloat16 params)",
+             lambda opt, params: _build_fastreg(opt, params, stochastic_rounding=True), _fastreg_missing, mode="sr"),
+    Provider("fastreg-master", "fastreg.optim, master_weights=True (bfloat16 params)",
+             lambda opt, params: _build_fastreg(opt, params, master_weights=True), _fastreg_missing, mode="master"),
     Provider("forloop", "torch.optim, foreach=False", _torch(foreach=False)),
     Provider("foreach", "torch.optim, foreach=True", _torch(foreach=True)),
     Provider("fused", "torch.optim, fused=True", _torch(fused=True)),
@@ -150,26 +171,58 @@ def reference_updates(cfg: OptimConfig, device: str) -> list:
     return updates
 
 
-def check(opt: torch.optim.Optimizer, params: list, ref_updates: list, cfg: OptimConfig) -> dict:
+def torch_same_dtype_error(cfg: OptimConfig, device: str, ref_updates: list) -> float:
+    """The update error of torch's own for-loop optimizer in the benchmark's (low-precision)
+    dtype: with bf16 params most updates of a small lr round away, in torch as in any plain bf16
+    step, so the tolerance of plain low-precision rows is twice this error (the project's rule)."""
+    params = make_params(cfg, device)
+    spec = OPTIMIZERS[cfg.optimizer]
+    err = check(spec.torch_cls(params, **spec.hyper, foreach=False), params, ref_updates, cfg)["err_update"]
+    del params
+    return err
+
+
+def check(opt: torch.optim.Optimizer, params: list, ref_updates: list, cfg: OptimConfig,
+          mode: Optional[str] = None, tol: Optional[float] = None) -> dict:
     """CHECK_STEPS steps of ``opt`` on ``params`` (fresh from ``make_params(cfg)``) against the
     float64 reference: relative L2 error of the updates p_K - p_0 over all tensors (the update, not
-    the parameters, so the error is relative to what the optimizer changed)."""
+    the parameters, so the error is relative to what the optimizer changed). The bf16 modes: see
+    the module docstring."""
     start = [p.detach().clone() for p in params]
     for _ in range(CHECK_STEPS):
         opt.step()
+    if mode == "sr":
+        return _check_stochastic(params, start, ref_updates)
     num = den = 0.0
     for p, s, r in zip(params, start, ref_updates):
-        d = p.detach().double() - s.double()
+        final = opt.state[p]["master_param"] if mode == "master" else p.detach()
+        d = final.double() - s.double()
         num += (d - r.double()).pow(2).sum().item()
         den += r.double().pow(2).sum().item()
     del start
     err = math.sqrt(num / den) if den > 0 else math.sqrt(num)
     if not math.isfinite(err):
         err = math.inf
-    tol = 1e-3 if cfg.dtype in (torch.float32, torch.float64) else 3e-2
+    if tol is None:
+        tol = 1e-3 if cfg.dtype in (torch.float32, torch.float64) else 3e-2
     ok = err <= tol
     return {"err_update": err, "tol": tol, "status": C.OK if ok else C.WRONG,
             "note": "" if ok else f"update err {err:.2g} > {tol:g}"}
+
+
+def _check_stochastic(params: list, start: list, ref_updates: list) -> dict:
+    worst = bias = scale = 0.0
+    for p, s, r in zip(params, start, ref_updates):
+        d = p.detach().double() - s.double()
+        r = r.double()
+        spacing = torch.maximum(p.detach().double().abs(), s.double().abs()).clamp_min(1e-30) * 2.0 ** -7
+        worst = max(worst, ((d - r).abs() / spacing).max().item())
+        bias += ((d - r) * r.sign()).sum().item()
+        scale += r.abs().sum().item()
+    rel_bias = bias / scale if scale > 0 else 0.0
+    ok = worst <= 3 and abs(rel_bias) <= 0.05
+    return {"err_update": abs(rel_bias), "tol": 0.05, "status": C.OK if ok else C.WRONG,
+            "note": "" if ok else f"max error {worst:.2g} spacings, bias {rel_bias:+.2%}"}
 
 
 def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats: int, copy_gbs: float,
@@ -179,6 +232,9 @@ def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats:
             "copy_gbs": copy_gbs}
     rows = []
     ref = reference_updates(cfg, device)
+    low_precision_tol = None
+    if cfg.dtype in (torch.bfloat16, torch.float16):
+        low_precision_tol = max(3e-2, 2 * torch_same_dtype_error(cfg, device, ref))
     for name in names:
         row = {**base, "provider": name}
         rows.append(row)
@@ -189,14 +245,18 @@ def bench_size(cfg: OptimConfig, device: str, names: list, warmup: int, repeats:
             if reason:
                 row.update(status=C.UNAVAILABLE, note=reason)
                 continue
+            if prov.mode and cfg.dtype != torch.bfloat16:
+                row.update(status=C.UNAVAILABLE, note="bf16 mode: needs --optim-dtype bfloat16")
+                continue
             params = make_params(cfg, device)
             opt = prov.build(cfg.optimizer, params)
-            row.update(check(opt, params, ref, cfg))
+            row.update(check(opt, params, ref, cfg, prov.mode, None if prov.mode else low_precision_tol))
             if row["status"] != C.OK:
                 continue
             t = C.time_fn(opt.step, device, warmup, repeats, max_time)
+            moved = bytes_moved(cfg, prov.mode)
             row.update(median_ms=t.median, min_ms=t.min, max_ms=t.max, spread=t.spread, repeats=len(t.samples),
-                       gbs=cfg.bytes_moved / (t.median * 1e-3) / 1e9)
+                       bytes_per_step=moved, gbs=moved / (t.median * 1e-3) / 1e9)
             if copy_gbs:
                 row["frac_copy_bw"] = row["gbs"] / copy_gbs
         except Exception as e:
@@ -219,6 +279,13 @@ def add_ratios(rows: list) -> None:
         ms = r.get("median_ms")
         if not ms:
             continue
+        mode = PROVIDERS[r["provider"]].mode if r["provider"] in PROVIDERS else None
+        if mode and by.get("fastreg"):
+            r["vs_plain_fused"] = ms / by["fastreg"]
+            if mode == "master" and r.get("copy_gbs"):
+                # the bar's yardstick: the plain step plus its extra 8 bytes/param at copy bandwidth
+                extra_ms = 8 * r["params"] / (r["copy_gbs"] * 1e9) * 1e3
+                r["vs_plain_plus_8B"] = ms / (by["fastreg"] + extra_ms)
         if best:
             r["speedup_vs_best_torch"] = best / ms
         for n in ("forloop", "fused"):
@@ -248,6 +315,7 @@ CSV_COLUMNS = [
     "sweep", "optimizer", "n_tensors", "numel", "params", "dtype", "provider", "status", "note",
     "median_ms", "min_ms", "max_ms", "spread", "repeats", "bytes_per_step", "gbs", "copy_gbs", "frac_copy_bw",
     "speedup_vs_best_torch", "speedup_vs_forloop", "speedup_vs_fused", "err_update", "tol",
+    "vs_plain_fused", "vs_plain_plus_8B",
 ]
 
 TABLE_COLUMNS = [
@@ -262,6 +330,7 @@ TABLE_COLUMNS = [
     ("vs best torch", lambda r: C.fmt(r.get("speedup_vs_best_torch"), ".2f") + "x"
      if r.get("speedup_vs_best_torch") else "-"),
     ("update err", lambda r: C.fmt(r.get("err_update"), ".1e")),
+    ("vs plain fused", lambda r: C.fmt(r.get("vs_plain_fused"), ".2f") + "x" if r.get("vs_plain_fused") else "-"),
     ("note", lambda r: (r.get("note") or "")[:60]),
 ]
 
@@ -306,3 +375,38 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
                                  x_label=x_label)
                 print(f"plot: {path}")
     return rows
+
+
+def bf16_mode_bars(n_tensors: int = 100, numel: int = 400_000, rounds: int = 11, device: str = "cpu") -> dict:
+    """The bars of the bf16 modes, timed interleaved (plain, SR, master, plain, ...; medians) so that
+    a loaded machine slows all three alike: bf16 Adam, stochastic-rounding step <= 1.15x the plain
+    fused step; master-weights step <= 1.15x (plain step + its extra 8 bytes/param at the measured
+    copy bandwidth)."""
+    import statistics
+
+    import fastreg.optim as fo
+
+    cfg = OptimConfig("adam", n_tensors, numel, torch.bfloat16)
+    spec = OPTIMIZERS["adam"]
+    opts = {}
+    for name, modes in (("plain", {}), ("sr", {"stochastic_rounding": True}), ("master", {"master_weights": True})):
+        opts[name] = fo.Adam(make_params(cfg, device), **spec.hyper, **modes)
+        opts[name].step()  # allocates the state
+    samples: dict = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            samples[name].append(C.time_fn(opt.step, device, warmup=0, repeats=1).median)
+    copy_gbs = C.copy_bandwidth_gbs(device, copy_bytes(device, quick=False))
+    ms = {name: statistics.median(v) for name, v in samples.items()}
+    extra_ms = 8 * cfg.params / (copy_gbs * 1e9) * 1e3
+    return {"ms": ms, "copy_gbs": copy_gbs, "sr_vs_plain": ms["sr"] / ms["plain"],
+            "master_vs_plain_plus_8B": ms["master"] / (ms["plain"] + extra_ms), "extra_8B_ms": extra_ms}
+
+
+if __name__ == "__main__":  # python -m fastreg.bench.optim: the bf16-mode bars
+    r = bf16_mode_bars()
+    print(f"bf16 Adam 100 x 400k, interleaved medians: plain {r['ms']['plain']:.1f} ms, stochastic rounding "
+          f"{r['ms']['sr']:.1f} ms, master weights {r['ms']['master']:.1f} ms; copy bandwidth {r['copy_gbs']:.1f} GB/s")
+    print(f"stochastic rounding / plain = {r['sr_vs_plain']:.3f} (bar <= 1.15)")
+    print(f"master / (plain + 8 B/param = {r['extra_8B_ms']:.1f} ms) = {r['master_vs_plain_plus_8B']:.3f} (bar <= 1.15)")
+    print(f"load average {open('/proc/loadavg').read().split()[0]}")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _ops  # noqa: F401  (loads the operators and their fake implementations)
+from . import _bf16, _ops  # noqa: F401  (_ops loads the operators and their fake implementations)
 
 _REPEAT_NONE = itertools.repeat(None)
 
@@ -49,11 +49,15 @@ class _Bucket:
     """The operator arguments for one (device, dtype) set of parameters: the parameters and,
     parallel to them, one list per state tensor (``lists[name]``)."""
 
-    __slots__ = ("params", "device", "lists", "subsets")
+    __slots__ = ("params", "device", "lists", "subsets", "complex", "kernel_params")
 
     def __init__(self, params: list[Tensor], lists: dict[str, list[Tensor]]):
         self.params = params
         self.device = params[0].device
+        # complex params go to the kernels as their real views (torch.optim's treatment): the
+        # params (kernel_params), the state lists and, each step, the gradients
+        self.complex = params[0].is_complex()
+        self.kernel_params = [torch.view_as_real(p) for p in params] if self.complex else params
         self.lists = lists
         # presence pattern (tuple of bools) -> _Bucket over the parameters that have gradients
         self.subsets: dict[tuple, _Bucket] = {}
@@ -113,15 +117,28 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        _bf16.fill_modes(self)
         self._reset_plans()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        try:
+            _bf16.check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
         if hasattr(self, "_plans"):
             self._reset_plans()
 
+    def state_dict(self) -> dict:
+        return _bf16.strip_unused(super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
+        old_groups = [dict(g) for g in self.param_groups]
+        masters, state_dict = _bf16.pop_masters(self, state_dict)
         super().load_state_dict(state_dict)
+        _bf16.restore_masters(self, masters)
+        _bf16.after_load(self, old_groups)
         self._reset_plans()
 
     def _plan(self, index: int, group: dict) -> _GroupPlan:
@@ -151,6 +168,9 @@ class FusedOptimizer(Optimizer):
                 tensors = self._init_state(p, self.state[p], group)
                 for name in names:
                     lists[name].append(tensors[name])
+            if params and params[0].is_complex():
+                lists = {name: [torch.view_as_real(t) if t.is_complex() else t for t in ts]
+                         for name, ts in lists.items()}
             sub = _Bucket(params, lists) if params else None
             bucket.subsets[pattern] = sub
         return sub, [g for g in grads if g is not None]
@@ -204,6 +224,8 @@ class FusedOptimizer(Optimizer):
                     sub, grads = self._subset(group, bucket, grads)
                     if sub is None:
                         continue
+                if sub.complex:
+                    grads = [torch.view_as_real(g) for g in grads]
                 device = sub.device
                 if isinstance(lr, Tensor):
                     lr_value, lr_tensor = 0.0, _on(lr, device)

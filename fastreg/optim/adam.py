@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _bf16, _ops
 from ._base import FusedOptimizer, _Bucket, check_tensor_lr, hyper_float
 
 
@@ -25,10 +25,20 @@ class Adam(FusedOptimizer):
     (per parameter: ``step`` a 0-d float32 tensor, on the CPU for CPU parameters as torch's
     default Adam keeps it, on the parameter's device for GPU parameters as torch's fused Adam
     does; ``exp_avg``, ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq``), so checkpoints move
-    between the two both ways. ``foreach``, ``fused`` and ``capturable`` are accepted for
-    compatibility and ignored: every step is one fused kernel call per (device, dtype), and on
-    GPUs it is always capturable (no host sync; steps counted on the device). Tensor betas are
-    read on the host each step. ``differentiable=True`` and sparse gradients are not supported.
+    between the two both ways. Complex parameters are updated as their real views, as torch does.
+
+    torch.optim's implementation switches, and what they mean here: every step is one fused
+    kernel call per (device, dtype) whatever ``foreach`` and ``fused`` say (both are validated
+    as torch validates them: not both True; with ``foreach=True`` and ``capturable=False``
+    tensor ``lr``/``betas`` raise torch's ValueError). ``capturable`` needs nothing: on GPUs the
+    step always is capturable (no host sync, steps counted on the device). Tensor betas are
+    read on the host each step. ``differentiable=True`` and sparse gradients are refused
+    (RuntimeError), as torch's fused Adam refuses them.
+
+    bf16 training (see fastreg.optim._bf16): ``stochastic_rounding=True`` (bfloat16 params)
+    rounds each updated value stochastically to bf16 with reproducible Philox bits;
+    ``master_weights=True`` (bfloat16/float16 params) keeps an fp32 copy in
+    ``state["master_param"]`` that takes the update. States stay in the parameter dtype.
     """
 
     def __init__(
@@ -46,6 +56,8 @@ class Adam(FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             if foreach and not capturable:
@@ -67,6 +79,8 @@ class Adam(FusedOptimizer):
         ):
             raise ValueError("betas must be either both floats or both Tensors")
         for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
             if isinstance(beta, Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
         if differentiable:
@@ -85,6 +99,7 @@ class Adam(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
+            **_bf16.mode_defaults(stochastic_rounding, master_weights),
         }
         super().__init__(params, defaults)
 
@@ -107,12 +122,12 @@ class Adam(FusedOptimizer):
         self.state[p]["step"] = counter
 
     def _state_lists(self, group: dict) -> tuple[str, ...]:
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
-        return ("exp_avg", "exp_avg_sq", "step")
+        names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step") if group["amsgrad"] else (
+            "exp_avg", "exp_avg_sq", "step")
+        return names + (_bf16.MASTER_KEY,) if group["master_weights"] else names
 
     def _layout_key(self, group: dict) -> tuple:
-        return (bool(group["amsgrad"]),)
+        return (bool(group["amsgrad"]), bool(group["master_weights"]))
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> dict[str, Tensor]:
         if len(state) == 0:
@@ -132,13 +147,14 @@ class Adam(FusedOptimizer):
             state["step"] = step
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        _bf16.init_master(p, state, group)
         return state
 
     def _launch(self, group, bucket: _Bucket, grads, lr, lr_tensor, grad_scale, found_inf) -> None:
         lists = bucket.lists
         beta1, beta2 = group["betas"]
         _ops.fused_adam_(
-            bucket.params,
+            bucket.kernel_params,
             grads,
             lists["exp_avg"],
             lists["exp_avg_sq"],
@@ -155,11 +171,15 @@ class Adam(FusedOptimizer):
             bool(group["decoupled_weight_decay"]),
             grad_scale,
             found_inf,
+            _bf16.call_seed(group),
+            lists.get(_bf16.MASTER_KEY, []),
         )
 
 
 class AdamW(Adam):
-    """AdamW (decoupled weight decay), as ``torch.optim.AdamW``; see :class:`Adam`."""
+    """AdamW (decoupled weight decay), as ``torch.optim.AdamW``; see :class:`Adam` for what
+    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` mean here and for the bf16 modes
+    (``stochastic_rounding``, ``master_weights``)."""
 
     def __init__(
         self,
@@ -175,6 +195,8 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -189,6 +211,8 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
         )
 
     def __setstate__(self, state: dict) -> None:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _bf16, _ops
 from ._base import FusedOptimizer, _Bucket, check_tensor_lr, hyper_float
 
 
@@ -15,9 +15,18 @@ class SGD(FusedOptimizer):
 
     Same constructor, defaults, validation, param groups and ``state_dict`` layout
     (``momentum_buffer`` per parameter) as torch.optim.SGD, so checkpoints move between the two.
-    ``foreach`` and ``fused`` are accepted for compatibility and ignored: every step is one fused
-    kernel call per (device, dtype). ``differentiable=True`` and sparse gradients are not
-    supported.
+    Complex parameters are updated as their real views, as torch does. Sparse gradients
+    (``nn.Embedding(sparse=True)``) take torch.optim.SGD's single-tensor algorithm in Python
+    instead of the fused kernel (a GradScaler step then reads ``found_inf`` on the host); their
+    momentum buffers are dense.
+
+    torch.optim's implementation switches, and what they mean here: every step is one fused
+    kernel call per (device, dtype) whatever ``foreach`` and ``fused`` say (validated as torch
+    does: not both True); ``differentiable=True`` is refused (RuntimeError).
+
+    bf16 training (see fastreg.optim._bf16): ``stochastic_rounding=True`` (bfloat16 params;
+    steps are then counted per parameter in ``state["step"]``) and ``master_weights=True``
+    (bfloat16/float16 params; ``state["master_param"]``, fp32). Neither takes sparse gradients.
 
     Like torch, the momentum buffer of a parameter starts as a copy of its first (decayed)
     gradient. The buffer is allocated, zeroed, when the parameter is first stepped, together with
@@ -40,6 +49,8 @@ class SGD(FusedOptimizer):
         foreach: Optional[bool] = None,
         differentiable: bool = False,
         fused: Optional[bool] = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         check_tensor_lr(lr)
         if lr < 0.0:
@@ -58,6 +69,7 @@ class SGD(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
+            **_bf16.mode_defaults(stochastic_rounding, master_weights),
         }
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
@@ -122,14 +134,25 @@ class SGD(FusedOptimizer):
         self._momentum_started[p] = counter
 
     def _state_lists(self, group: dict) -> tuple[str, ...]:
-        return ("momentum_buffer", "momentum_started") if group["momentum"] != 0 else ()
+        names = ("momentum_buffer", "momentum_started") if group["momentum"] != 0 else ()
+        names += ("step",) if group["stochastic_rounding"] else ()
+        return names + (_bf16.MASTER_KEY,) if group["master_weights"] else names
 
     def _layout_key(self, group: dict) -> tuple:
-        return (group["momentum"] != 0,)
+        return (group["momentum"] != 0, bool(group["stochastic_rounding"]), bool(group["master_weights"]))
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> dict[str, Tensor]:
+        out = {}
+        if group["stochastic_rounding"]:  # the step count keying the rounding streams
+            step = state.get("step")
+            if not isinstance(step, Tensor) or step.device != p.device or step.dtype != torch.float32:
+                step = torch.tensor(float(step) if step is not None else 0.0, dtype=torch.float32, device=p.device)
+            state["step"] = out["step"] = step
+        _bf16.init_master(p, state, group)
+        if _bf16.MASTER_KEY in state:
+            out[_bf16.MASTER_KEY] = state[_bf16.MASTER_KEY]
         if group["momentum"] == 0:
-            return {}
+            return out
         buf = state.get("momentum_buffer")
         flag = self._momentum_started.get(p)
         if buf is None:
@@ -139,12 +162,25 @@ class SGD(FusedOptimizer):
         elif flag is None:  # a buffer that came with a checkpoint or from the user: it holds a value
             flag = torch.ones((), dtype=torch.uint8, device=p.device)
         self._momentum_started[p] = flag
-        return {"momentum_buffer": buf, "momentum_started": flag}
+        return {**out, "momentum_buffer": buf, "momentum_started": flag}
 
     def _launch(self, group, bucket: _Bucket, grads, lr, lr_tensor, grad_scale, found_inf) -> None:
+        try:
+            self._fused(group, bucket, grads, lr, lr_tensor, grad_scale, found_inf)
+        except RuntimeError as e:
+            # Sparse gradients reach the operator's sparse kernel, which refuses them before
+            # touching anything; looking for them only then keeps dense steps free of a pass over
+            # the gradients.
+            if "sparse" not in str(e) or not any(g.is_sparse for g in grads):
+                raise
+            bucket, grads = self._step_sparse(group, bucket, grads, lr, lr_tensor, grad_scale, found_inf)
+            if bucket is not None:
+                self._fused(group, bucket, grads, lr, lr_tensor, grad_scale, found_inf)
+
+    def _fused(self, group, bucket: _Bucket, grads, lr, lr_tensor, grad_scale, found_inf) -> None:
         lists = bucket.lists
         _ops.fused_sgd_(
-            bucket.params,
+            bucket.kernel_params,
             grads,
             lists.get("momentum_buffer", []),
             lists.get("momentum_started", []),
@@ -157,4 +193,46 @@ class SGD(FusedOptimizer):
             bool(group["maximize"]),
             grad_scale,
             found_inf,
+            _bf16.call_seed(group),
+            lists.get("step", []) if group["stochastic_rounding"] else [],
+            lists.get(_bf16.MASTER_KEY, []),
         )
+
+    def _step_sparse(self, group, bucket: _Bucket, grads, lr, lr_tensor, grad_scale, found_inf):
+        """Steps the parameters of `bucket` whose gradient is sparse with torch.optim.SGD's
+        single-tensor algorithm; returns the bucket of the others (None if none) and their grads."""
+        if group["stochastic_rounding"] or group["master_weights"]:
+            raise RuntimeError("fastreg.optim.SGD: sparse gradients cannot be used with stochastic_rounding or "
+                               "master_weights")
+        if found_inf is not None and bool(found_inf.item()):  # host sync: sparse path only
+            return None, grads
+        momentum, dampening = hyper_float(group["momentum"]), hyper_float(group["dampening"])
+        weight_decay, nesterov = hyper_float(group["weight_decay"]), bool(group["nesterov"])
+        step_lr = lr_tensor if lr_tensor is not None else lr
+        dense = [i for i, g in enumerate(grads) if not g.is_sparse]
+        for i, g in enumerate(grads):
+            if not g.is_sparse:
+                continue
+            p = bucket.kernel_params[i]
+            g = torch.view_as_real(g.to_dense()) if bucket.complex else g
+            if grad_scale is not None:
+                g = g / grad_scale
+            g = -g if group["maximize"] else g
+            if weight_decay != 0:
+                g = g.add(p, alpha=weight_decay)
+            if momentum != 0:
+                buf, flag = bucket.lists["momentum_buffer"][i], self._momentum_started[bucket.params[i]]
+                if bool(flag):
+                    buf.mul_(momentum).add_(g, alpha=1 - dampening)
+                else:
+                    buf.copy_(g.to_dense() if g.is_sparse else g)
+                    flag.fill_(1)
+                g = (buf * momentum).add_(g) if nesterov else buf  # dense + sparse (torch: g + momentum * buf)
+            p.add_(g, alpha=-hyper_float(step_lr))
+        if not dense:
+            return None, grads
+        params = [bucket.params[i] for i in dense]
+        lists = {k: [v[i] for i in dense] for k, v in bucket.lists.items() if k != "momentum_started"}
+        if momentum != 0:
+            lists["momentum_started"] = [self._momentum_started[p] for p in params]
+        return _Bucket(params, lists), [grads[i] for i in dense]
