@@ -33,9 +33,24 @@ def _child(rank, world, init_file, fn, args, errq):
         dist.destroy_process_group()
 
 
+_CTX = None
+
+
+def _context():
+    """A forkserver that imported torch and fastreg once: each test's processes fork from it
+    instead of importing torch again (seconds per process on a loaded CI machine), and nothing
+    is forked from the pytest process itself (its OpenMP/thread state is not fork-safe)."""
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor", "fastreg",
+                                     "fastreg.optim", "fastreg.distributed", "tests.distributed.launch"])
+    return _CTX
+
+
 def run_distributed(fn, world: int, *args, timeout: float = 60.0):
     """fn(rank, world, *args) in `world` processes; fn must be a module-level function."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     errq = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "rendezvous")

@@ -1,0 +1,118 @@
+"""fastreg.distributed.linear_cross_entropy against the single-process op, in 2 and 4 gloo processes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .launch import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+# every option of the single-process op; the class-weight entries get the shard of `cw`
+CASES = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.1),
+    dict(weight="cw"),
+    dict(weight="cw", label_smoothing=0.2),
+    dict(weight="cw", reduction="none", label_smoothing=0.1),
+    dict(softcap=2.5),
+    dict(z_loss=1e-2, softcap=4.0, label_smoothing=0.05, weight="cw"),
+    dict(ignore_index=5, chunk_size=7),
+    dict(bias=False, reduction="sum", chunk_size=3),
+]
+
+
+def _shard_sizes(V: int, world: int) -> list[int]:
+    # torch.chunk's split (what Shard(0) does): uneven when world does not divide V
+    per = -(-V // world)
+    return [max(0, min(per, V - r * per)) for r in range(world)]
+
+
+def _compare(rank, world, dtype, use_dtensor, rtol):
+    import torch.distributed as dist
+    import fastreg
+    from fastreg.distributed import linear_cross_entropy as vp_lce
+
+    torch.manual_seed(0)
+    N, D, V = 29, 12, 43  # V prime: uneven shards for every world size
+    x = torch.randn(N, D, dtype=torch.float64).to(dtype)
+    w = (torch.randn(V, D, dtype=torch.float64) * 0.7).to(dtype)
+    b = torch.randn(V, dtype=torch.float64).to(dtype)
+    cw = torch.rand(V, dtype=torch.float64).to(dtype) + 0.1
+    target = torch.randint(0, V, (N,))
+    target[::6] = -100
+    target[1::9] = 5  # ignored when ignore_index=5
+    sizes = _shard_sizes(V, world)
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    if use_dtensor:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+
+    for case in CASES:
+        kw = dict(case)
+        has_bias = kw.pop("bias", True)
+        red = kw.get("reduction", "mean")
+        tgt = target.clone()
+        if "ignore_index" in kw:
+            tgt[tgt == -100] = kw["ignore_index"]
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        br = b.clone().requires_grad_() if has_bias else None
+        ref_kw = dict(kw, weight=cw) if kw.get("weight") == "cw" else kw
+        ref = fastreg.linear_cross_entropy(xr, wr, tgt, linear_bias=br, **ref_kw)
+        (ref.sum() if red == "none" else ref).backward()
+
+        xs = x.clone().requires_grad_()
+        if use_dtensor:
+            ws = distribute_tensor(w.clone(), mesh, [Shard(0)]).requires_grad_()
+            bs = distribute_tensor(b.clone(), mesh, [Shard(0)]).requires_grad_() if has_bias else None
+            cws = distribute_tensor(cw.clone(), mesh, [Shard(0)])
+            extra = {}
+        else:
+            ws = w[sl].clone().requires_grad_()
+            bs = b[sl].clone().requires_grad_() if has_bias else None
+            cws = cw[sl].clone()
+            extra = dict(process_group=dist.group.WORLD)
+        vp_kw = dict(kw, weight=cws) if kw.get("weight") == "cw" else kw
+        out = vp_lce(xs, ws, tgt, linear_bias=bs, **vp_kw, **extra)
+        (out.sum() if red == "none" else out).backward()
+        if use_dtensor:
+            assert type(out).__name__ == "DTensor" and out.placements[0].is_replicate()
+            assert type(ws.grad).__name__ == "DTensor" and ws.grad.placements == ws.placements
+            assert ws.grad.to_local().shape == (sizes[rank], D)
+            out, gw = out.to_local(), ws.grad.full_tensor()
+            gb = bs.grad.full_tensor() if has_bias else None
+        else:
+            gathered = [torch.empty(s, D, dtype=dtype) for s in sizes]
+            dist.all_gather(gathered, ws.grad.contiguous())
+            gw = torch.cat(gathered)
+            gb = None
+            if has_bias:
+                gathered = [torch.empty(s, dtype=dtype) for s in sizes]
+                dist.all_gather(gathered, bs.grad.contiguous())
+                gb = torch.cat(gathered)
+        assert type(xs.grad) is torch.Tensor
+        pairs = [("loss", out, ref), ("dX", xs.grad, xr.grad), ("dW", gw, wr.grad)]
+        if has_bias:
+            pairs.append(("db", gb, br.grad))
+        for name, got, want in pairs:
+            scale = want.abs().max().clamp_min(1e-30)
+            err = ((got.double() - want.double()).abs().max() / scale).item()
+            assert err <= rtol, f"rank {rank} case {case} {name}: relative error {err:.3g} > {rtol}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_plain_shards_fp64_match_single_process(world):
+    run_distributed(_compare, world, torch.float64, False, 1e-12)
+
+
+def test_dtensor_fp64_match_single_process():
+    run_distributed(_compare, 2, torch.float64, True, 1e-12)
+
+
+def test_dtensor_fp32_match_single_process_4_ranks():
+    run_distributed(_compare, 4, torch.float32, True, 1e-5)
