@@ -87,14 +87,10 @@ def _compare(rank, world, dtype, use_dtensor, rtol):
             out, gw = out.to_local(), ws.grad.full_tensor()
             gb = bs.grad.full_tensor() if has_bias else None
         else:
-            gathered = [torch.empty(s, D, dtype=dtype) for s in sizes]
-            dist.all_gather(gathered, ws.grad.contiguous())
-            gw = torch.cat(gathered)
-            gb = None
-            if has_bias:
-                gathered = [torch.empty(s, dtype=dtype) for s in sizes]
-                dist.all_gather(gathered, bs.grad.contiguous())
-                gb = torch.cat(gathered)
+            gathered = [None] * world  # (gloo's all_gather wants equal sizes; the shards are not)
+            dist.all_gather_object(gathered, (ws.grad, bs.grad if has_bias else None))
+            gw = torch.cat([g for g, _ in gathered])
+            gb = torch.cat([g for _, g in gathered]) if has_bias else None
         assert type(xs.grad) is torch.Tensor
         pairs = [("loss", out, ref), ("dX", xs.grad, xr.grad), ("dW", gw, wr.grad)]
         if has_bias:
