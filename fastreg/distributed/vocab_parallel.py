@@ -65,13 +65,16 @@ def _group_rank(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _agree(group, key: tuple, local: tuple) -> list:
-    """Once per distinct call signature: every rank exchanges its (key, local) description and
-    checks that they are compatible, so bad input raises the same error on every rank before any
-    tensor collective runs (a mismatch there would hang or garble). Eager only (a host
-    collective); the result is cached, so later calls cost nothing."""
+def _agree(group, key: tuple, local: tuple, every_call: bool) -> list:
+    """Every rank exchanges its (key, local) description of the call and checks that the keys
+    agree, so bad input raises the same error on every rank before any tensor collective runs (a
+    mismatch there would hang or garble). A host collective, eager only. On CPU tensors it runs on
+    every call (it costs a fraction of a millisecond and catches ranks that diverge at any time);
+    on accelerators, where it would be a host sync, only the first time this rank sees a call
+    signature (ranks that change shapes differently later are then caught only by the process
+    group's timeout)."""
     cache_key = (id(group), key, local)
-    if cache_key in _validated:
+    if not every_call and cache_key in _validated:
         return _validated[cache_key]
     if torch.compiler.is_compiling():
         raise RuntimeError(f"{_FN}: under torch.compile the layout must be known: call it once eagerly with the "
@@ -291,7 +294,7 @@ def _dtensor_layout(w, b, cw, sig) -> tuple[_Layout, object, int]:
     rank, world = _group_rank(group)
     lay = _Layout(funcol._resolve_group_name(group), rank, world, int(offset[0]), int(w.shape[0]))
     if not torch.compiler.is_compiling():
-        _agree(group, sig, (lay.vocab_start,))
+        _agree(group, sig, (lay.vocab_start,), w.device.type == "cpu")
     return lay, mesh, dim
 
 
@@ -312,7 +315,7 @@ def _plain_layout(w, group, vocab_start, num_classes, sig) -> _Layout:
             start = sum(v for _, v in shards[:rank])
             return _Layout(name, rank, world, start, sum(v for _, v in shards))
         return _Layout(name, rank, world, int(vocab_start), int(num_classes))
-    shards = _agree(group, (sig, num_classes), (vocab_start, V_r))
+    shards = _agree(group, (sig, num_classes), (vocab_start, V_r), w.device.type == "cpu")
     if all(s is None for s, _ in shards):
         starts, pos = [], 0
         for _, v in shards:

@@ -112,3 +112,95 @@ def test_dtensor_fp64_match_single_process():
 
 def test_dtensor_fp32_match_single_process_4_ranks():
     run_distributed(_compare, 4, torch.float32, True, 1e-5)
+
+
+def _tp_times_dp(rank, world):
+    """4 ranks as a (dp=2, tp=2) mesh: the LM head split over tp, the batch over dp."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fastreg
+    from fastreg.distributed import linear_cross_entropy as vp_lce
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
+    torch.manual_seed(0)
+    N, D, V = 20, 8, 31
+    x = torch.randn(N, D, dtype=torch.float64)
+    w = torch.randn(V, D, dtype=torch.float64)
+    target = torch.randint(0, V, (N,))
+    rows = slice(dp_rank * N // 2, (dp_rank + 1) * N // 2)
+    ws = distribute_tensor(w.clone(), mesh["tp"], [Shard(0)]).requires_grad_()
+    xs = x[rows].clone().requires_grad_()
+    loss = vp_lce(xs, ws, target[rows], softcap=5.0, label_smoothing=0.1)
+    loss.backward()
+    wr, xr = w.clone().requires_grad_(), x.clone().requires_grad_()
+    ref_half = fastreg.linear_cross_entropy(xr[rows].detach(), w, target[rows], softcap=5.0, label_smoothing=0.1)
+    assert abs(loss.to_local().item() - ref_half.item()) <= 1e-12 * abs(ref_half.item())
+    # data parallel: the mean over dp of the per-replica gradients is the full batch's gradient
+    gw = ws.grad.to_local().clone()
+    dist.all_reduce(gw, group=mesh.get_group("dp"))
+    gw = distribute_tensor(torch.zeros_like(w), mesh["tp"], [Shard(0)]).to_local() + gw / 2
+    fastreg.linear_cross_entropy(xr, wr, target, softcap=5.0, label_smoothing=0.1).backward()
+    start = 16 * mesh.get_local_rank("tp")  # 31 classes over 2 ranks: 16 + 15
+    want = wr.grad[start:start + gw.shape[0]]
+    assert torch.allclose(gw, want, rtol=1e-12, atol=1e-14), (gw - want).abs().max()
+    assert torch.allclose(xs.grad, xr.grad[rows] * 2, rtol=1e-12, atol=1e-14)
+
+
+def test_tensor_parallel_head_times_data_parallel():
+    run_distributed(_tp_times_dp, 4)
+
+
+def _expect_error(exc_type, match, fn):
+    import re
+
+    try:
+        fn()
+    except exc_type as e:
+        assert re.search(match, str(e)), f"wrong message: {e}"
+        return
+    raise AssertionError(f"no {exc_type.__name__} matching {match!r}")
+
+
+def _bad_input(rank, world):
+    """Each mistake raises a clear error on every rank (the launcher fails on a hang), and the
+    group stays usable afterwards."""
+    import torch.distributed as dist
+
+    from fastreg.distributed import linear_cross_entropy as vp_lce
+
+    g = dist.group.WORLD
+    N, D = 6, 4
+    x = torch.randn(N, D)
+    w = torch.randn(5, D)  # 5 classes per rank
+    ok_target = torch.tensor([0, 1, 2, 3, 4, 9])
+    # shards that do not tile the vocabulary: a gap, an overlap, a wrong total
+    _expect_error(ValueError, "do not tile", lambda: vp_lce(x, w, ok_target, process_group=g,
+                                                           vocab_start=[0, 7][rank], num_classes=12))
+    _expect_error(ValueError, "do not tile", lambda: vp_lce(x, w, ok_target, process_group=g,
+                                                           vocab_start=[0, 3][rank], num_classes=8))
+    _expect_error(ValueError, "num_classes is 11", lambda: vp_lce(x, w, ok_target, process_group=g,
+                                                                 vocab_start=[0, 5][rank], num_classes=11))
+    # a target out of range on one rank only, and on every rank
+    bad = ok_target.clone()
+    if rank == 1:
+        bad[2] = 10
+    _expect_error(RuntimeError, "out of range", lambda: vp_lce(x, w, bad, process_group=g))
+    _expect_error(RuntimeError, "out of range", lambda: vp_lce(x, w, torch.full((N,), -1), process_group=g))
+    # mismatched dtypes / row counts across ranks
+    xd = x.double() if rank == 1 else x
+    wd = w.double() if rank == 1 else w
+    _expect_error(ValueError, "disagree", lambda: vp_lce(xd, wd, ok_target, process_group=g))
+    _expect_error(ValueError, "disagree", lambda: vp_lce(x[: N - rank], w, ok_target[: N - rank], process_group=g))
+    # local mistakes: dtype mismatch between input and weight, DTensor bias with a plain weight
+    _expect_error(TypeError, "does not match", lambda: vp_lce(x, w.double(), ok_target, process_group=g))
+    _expect_error(ValueError, "process_group", lambda: vp_lce(x, w, ok_target))
+    # and the group still works
+    loss = vp_lce(x, w, ok_target, process_group=g)
+    assert torch.isfinite(loss)
+
+
+def test_bad_input_errors_on_every_rank():
+    run_distributed(_bad_input, 2)
