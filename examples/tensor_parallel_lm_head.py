@@ -13,8 +13,8 @@ This script trains a tiny next-token model (embedding -> MLP -> tensor-parallel 
 synthetic "language" for a few steps, and checks every step against one process training the same
 model with the full head, ``F.cross_entropy`` and ``torch.optim.AdamW``.
 
-    torchrun --nproc-per-node 2 examples/tensor_parallel_lm_head.py
-    torchrun --nproc-per-node 2 examples/tensor_parallel_lm_head.py --fast     # used by the tests
+    torchrun --standalone --nproc-per-node 2 examples/tensor_parallel_lm_head.py
+    torchrun --standalone --nproc-per-node 2 examples/tensor_parallel_lm_head.py --fast     # used by the tests
 """
 import argparse
 import copy
@@ -109,5 +109,5 @@ def main():
 
 if __name__ == "__main__":
     if "RANK" not in os.environ:
-        raise SystemExit("run me with torchrun: torchrun --nproc-per-node 2 examples/tensor_parallel_lm_head.py")
+        raise SystemExit("run me with torchrun: torchrun --standalone --nproc-per-node 2 examples/tensor_parallel_lm_head.py")
     main()

@@ -5,7 +5,7 @@
     python -m fastreg.bench --ops optim --optimizers adam --sizes 100x400000 5000x1000
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
-    torchrun --nproc-per-node 2 -m fastreg.bench --distributed   # vocab-parallel loss (fastreg/bench/distributed.py)
+    torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed   # vocab-parallel loss (fastreg/bench/distributed.py)
 
 Sizes: NxDxV for the loss (rows x hidden x vocabulary), TxE for the optimizers (T tensors of E
 elements). Results are appended to <out>/lce.csv, <out>/optim.csv; plots and bars-<device>.md

@@ -1,8 +1,8 @@
 """python -m fastreg.bench --distributed: the vocab-parallel loss against the other ways of
 computing a cross-entropy over an LM head split across a process group. Launch with torchrun:
 
-    torchrun --nproc-per-node 2 -m fastreg.bench --distributed                # N=2048 D=512 V=50257
-    torchrun --nproc-per-node 2 -m fastreg.bench --distributed --sizes 512x256x10007 --repeats 3
+    torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed                # N=2048 D=512 V=50257
+    torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed --sizes 512x256x10007 --repeats 3
 
 gloo on CPU, NCCL with --device cuda. Every rank holds rows [start_r, start_r + V_r) of the weight
 (torch.chunk's uneven split, as Shard(0)); input and target are the same on every rank. One step is
@@ -181,7 +181,7 @@ def main(args) -> int:
     device = args.device
     backend = "nccl" if device == "cuda" else "gloo"
     if "RANK" not in os.environ:
-        raise SystemExit("--distributed runs under torchrun: torchrun --nproc-per-node 2 -m fastreg.bench "
+        raise SystemExit("--distributed runs under torchrun: torchrun --standalone --nproc-per-node 2 -m fastreg.bench "
                          "--distributed")
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
