@@ -204,3 +204,36 @@ def _bad_input(rank, world):
 
 def test_bad_input_errors_on_every_rank():
     run_distributed(_bad_input, 2)
+
+
+def _compiled(rank, world):
+    """torch.compile(fullgraph=True) traces the loss, its collectives and its backward."""
+    import torch.distributed as dist
+
+    import fastreg
+    from fastreg.distributed import linear_cross_entropy as vp_lce
+
+    torch.manual_seed(0)
+    N, D, V = 16, 8, 21
+    x, w = torch.randn(N, D, dtype=torch.float64), torch.randn(V, D, dtype=torch.float64)
+    target = torch.randint(0, V, (N,))
+    target[2] = -100
+    start, size = [(0, 11), (11, 10)][rank]
+
+    def step(x, w, t):
+        return vp_lce(x, w, t, process_group=dist.group.WORLD, vocab_start=start, num_classes=V, softcap=3.0,
+                      label_smoothing=0.1)
+
+    xs, ws = x.clone().requires_grad_(), w[start:start + size].clone().requires_grad_()
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(xs, ws, target)
+    loss.backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = fastreg.linear_cross_entropy(xr, wr, target, softcap=3.0, label_smoothing=0.1)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-12, atol=0)
+    assert torch.allclose(xs.grad, xr.grad, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(ws.grad, wr.grad[start:start + size], rtol=1e-12, atol=1e-15)
+
+
+def test_torch_compile_fullgraph():
+    run_distributed(_compiled, 2)
