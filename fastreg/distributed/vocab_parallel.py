@@ -241,15 +241,32 @@ class _VocabParallelLCE(torch.autograd.Function):
             gx = _all_reduce_grad_input(gx, cfg)
         gw = None if gw is None else gw.to(w.dtype)
         gb = None if gb is None else gb.to(b.dtype)
-        ctx.save_for_backward(gx, gw, gb)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(gx, gw, gb)
+            ctx.grads = None
+        else:
+            # Eager: held outside save_for_backward so that the backward can hand them over (scaled
+            # in place) instead of copying them: autograd then adopts dW as the parameter's .grad
+            # without a second weight-shard-sized buffer. The price: a second backward through the
+            # same graph (retain_graph=True) is refused.
+            ctx.grads = [gx, gw, gb]
         return loss.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
         cfg = ctx.cfg
         if ctx.scalar:
-            gx, gw, gb = ctx.saved_tensors
-            gx, gw, gb = (None if g is None else g * grad_loss for g in (gx, gw, gb))
+            if ctx.grads is None:
+                gx, gw, gb = ctx.saved_tensors
+                gx, gw, gb = (None if g is None else g * grad_loss for g in (gx, gw, gb))
+                return gx, gw, gb, None, None, None
+            if not ctx.grads:
+                raise RuntimeError(f"{_FN}: backward ran twice through the same loss (retain_graph=True); with "
+                                   "reduction 'mean'/'sum' the gradients are handed over by the first backward. "
+                                   "Compute the loss again, or use reduction='none' and reduce it yourself")
+            gx, gw, gb = ctx.grads
+            ctx.grads = []
+            gx, gw, gb = (None if g is None else g.mul_(grad_loss) for g in (gx, gw, gb))
             return gx, gw, gb, None, None, None
         x, w, b, cw_acc, cw_sum, target, stats = ctx.saved_tensors
         row_scale = grad_loss.reshape(-1).to(stats.dtype).contiguous()

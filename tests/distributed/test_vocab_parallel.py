@@ -237,3 +237,27 @@ def _compiled(rank, world):
 
 def test_torch_compile_fullgraph():
     run_distributed(_compiled, 2)
+
+
+def _second_backward(rank, world):
+    import torch.distributed as dist
+
+    from fastreg.distributed import linear_cross_entropy as vp_lce
+
+    import fastreg
+
+    torch.manual_seed(0)
+    x, w_full = torch.randn(4, 3, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 9])
+    xs, ws = x.clone().requires_grad_(), w_full[5 * rank:5 * rank + 5].clone().requires_grad_()
+    loss = vp_lce(xs, ws, target, process_group=dist.group.WORLD)
+    (2.5 * loss).backward(retain_graph=True)  # the upstream gradient scales the handed-over grads
+    xr, wr = x.clone().requires_grad_(), w_full.clone().requires_grad_()
+    (2.5 * fastreg.linear_cross_entropy(xr, wr, target)).backward()
+    assert torch.allclose(xs.grad, xr.grad, rtol=1e-12, atol=0)
+    assert torch.allclose(ws.grad, wr.grad[5 * rank:5 * rank + 5], rtol=1e-12, atol=0)
+    _expect_error(RuntimeError, "backward ran twice", lambda: loss.backward())
+
+
+def test_second_backward_is_refused_clearly():
+    run_distributed(_second_backward, 2)
