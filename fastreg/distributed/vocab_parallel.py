@@ -116,10 +116,11 @@ def _signature(x: Tensor, w: Tensor, b, cw, target: Tensor, opts: tuple) -> tupl
 def _chunk_rows(n: int, v_local: int, world: int, elem: int, on_cpu: bool, chunk_size: int) -> int:
     if chunk_size:
         return max(1, min(chunk_size, n))
-    # The single-process op's logits budget, split over the group twice over: each rank then holds
-    # at most half of the single-process op's chunk (rows x V / world) and its extra memory per
-    # rank stays about half of the single-process op's.
-    budget = (128 << 20 if on_cpu else 1 << 30) // (2 * world)
+    # The single-process op's logits budget / (4 x world): the chunk per rank is a quarter of the
+    # single-process op's, which pays for what does not shrink with the group (dX and its
+    # all-reduce, N x D each), so a rank's extra memory stays under half of the single-process
+    # op's (dW shard + chunk + dX). Smaller chunks cost more (tiny) all-reduces, not more bytes.
+    budget = (128 << 20 if on_cpu else 1 << 30) // (4 * world)
     rows = max(budget // max(v_local * elem, 1), 1)
     if rows < n:
         chunks = -(-n // rows)
