@@ -53,7 +53,7 @@ def _compare(rank, world, dtype, use_dtensor, rtol):
 
         mesh = init_device_mesh("cpu", (world,))
 
-    for case in CASES:
+    for i, case in enumerate(CASES):
         kw = dict(case)
         has_bias = kw.pop("bias", True)
         red = kw.get("reduction", "mean")
@@ -67,6 +67,11 @@ def _compare(rank, world, dtype, use_dtensor, rtol):
         (ref.sum() if red == "none" else ref).backward()
 
         xs = x.clone().requires_grad_()
+        dt_input = use_dtensor and i % 2 == 1  # every other case: the input a Replicate() DTensor too
+        if dt_input:
+            from torch.distributed.tensor import Replicate
+
+            xs = distribute_tensor(x.clone(), mesh, [Replicate()]).requires_grad_()
         if use_dtensor:
             ws = distribute_tensor(w.clone(), mesh, [Shard(0)]).requires_grad_()
             bs = distribute_tensor(b.clone(), mesh, [Shard(0)]).requires_grad_() if has_bias else None
@@ -91,8 +96,13 @@ def _compare(rank, world, dtype, use_dtensor, rtol):
             dist.all_gather_object(gathered, (ws.grad, bs.grad if has_bias else None))
             gw = torch.cat([g for g, _ in gathered])
             gb = torch.cat([g for _, g in gathered]) if has_bias else None
-        assert type(xs.grad) is torch.Tensor
-        pairs = [("loss", out, ref), ("dX", xs.grad, xr.grad), ("dW", gw, wr.grad)]
+        if dt_input:
+            assert type(xs.grad).__name__ == "DTensor" and xs.grad.placements[0].is_replicate()
+            gx = xs.grad.to_local()
+        else:
+            assert type(xs.grad) is torch.Tensor
+            gx = xs.grad
+        pairs = [("loss", out, ref), ("dX", gx, xr.grad), ("dW", gw, wr.grad)]
         if has_bias:
             pairs.append(("db", gb, br.grad))
         for name, got, want in pairs:
