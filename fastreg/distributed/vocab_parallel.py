@@ -236,7 +236,9 @@ class _VocabParallelLCE(torch.autograd.Function):
             # when every row is ignored, like torch). The gradients scale by it afterwards.
             denom = _denominator(cfg, target, stats, cw is not None)
             loss = loss / denom
-            scale = denom.reciprocal()
+            # every row ignored: the loss is nan (0/0, like torch) and the gradients stay 0 (as
+            # the single-process op's, whose inactive rows write exact zeros), not 0 * inf
+            scale = torch.where(denom == 0, 0, denom.reciprocal())
             gx, gw, gb = (g.mul_(scale) if g is not None else None for g in (gx, gw, gb))
         if gx is not None:
             gx = _all_reduce_grad_input(gx, cfg)

@@ -267,7 +267,16 @@ def _second_backward(rank, world):
     assert torch.allclose(xs.grad, xr.grad, rtol=1e-12, atol=0)
     assert torch.allclose(ws.grad, wr.grad[5 * rank:5 * rank + 5], rtol=1e-12, atol=0)
     _expect_error(RuntimeError, "backward ran twice", lambda: loss.backward())
+    # every row ignored: nan loss (0/0, like torch), zero gradients (like the single-process op)
+    xs, ws = x.clone().requires_grad_(), w_full[5 * rank:5 * rank + 5].clone().requires_grad_()
+    loss = vp_lce(xs, ws, torch.full((4,), -100), process_group=dist.group.WORLD)
+    loss.backward()
+    xr, wr = x.clone().requires_grad_(), w_full.clone().requires_grad_()
+    ref = fastreg.linear_cross_entropy(xr, wr, torch.full((4,), -100))
+    ref.backward()
+    assert loss.isnan() and ref.isnan()
+    assert torch.equal(xs.grad, xr.grad) and torch.equal(ws.grad, wr.grad[5 * rank:5 * rank + 5])
 
 
-def test_second_backward_is_refused_clearly():
+def test_upstream_scale_second_backward_all_ignored():
     run_distributed(_second_backward, 2)
