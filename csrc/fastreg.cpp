@@ -4,7 +4,7 @@
 //   linear_cross_entropy                 csrc/lce/lce.cpp (driver)  same driver + _lce_rows     fastreg/functional.py
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
-//   _lce_vp_stats, _lce_vp_rows          csrc/lce/lce_vocab_parallel.cpp  (none yet)      fastreg/distributed/
+//   _lce_vp_stats, _lce_vp_rows          csrc/lce/lce_vocab_parallel.cpp  same file (ATen ops)  fastreg/distributed/
 //     (vocab-parallel row passes)
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
 //

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "lce/lce_math.h"
@@ -215,11 +216,124 @@ void vp_rows_cpu(Tensor& logits, const Tensor& target, const std::optional<Tenso
   });
 }
 
+// ---- device-generic passes (ATen tensor ops) ------------------------------------------------------
+// The same two passes written with ATen ops over the whole chunk, so they run on any device: they
+// are the CUDA kernels of these ops for now (a fused kernel on lce_math.h is the next step; these
+// hold a few chunk-sized temporaries) and, with FASTREG_VP_GENERIC=1 at load time, the CPU ones,
+// which is how the tests check them against the CPU kernels above. The algebra is lce_math.h's
+// (lce_row_loss, lce_grad_coefs, softcap_grad_from_value), applied to columns of rows.
+
+Tensor active_rows(const Tensor& t, int64_t ignore_index, int64_t num_classes) {
+  return (t != ignore_index) & (t >= 0) & (t < num_classes);
+}
+
+void vp_stats_generic(Tensor& logits, const Tensor& target, const std::optional<Tensor>& class_weight,
+                      int64_t vocab_start, int64_t num_classes, int64_t ignore_index, double softcap, bool want_wz,
+                      int64_t slot, int64_t num_slots, Tensor& stats) {
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const StatsLayout lay(num_slots, class_weight.has_value(), want_wz);
+  TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0) && stats.dim() == 2 &&
+                  stats.size(0) == logits.size(0) + 1 && stats.size(1) == lay.width && stats.scalar_type() == acc &&
+                  slot >= 0 && slot < num_slots,
+              "_lce_vp_stats: bad arguments (see the schema in csrc/fastreg.cpp)");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  Tensor z = logits.to(acc);
+  if (softcap > 0) {
+    z = at::tanh(z / softcap) * softcap;
+    logits.copy_(z);
+  }
+  const Tensor active = active_rows(target, ignore_index, num_classes);
+  const Tensor zero = at::zeros({}, z.options());
+  stats.zero_();
+  stats.select(0, rows).select(0, 0).copy_(((target != ignore_index) & active.logical_not()).sum());
+  if (rows == 0) return;
+  Tensor body = stats.narrow(0, 0, rows);
+  if (V == 0) {  // an empty slice: lse = -inf, it owns no target
+    body.select(1, slot).copy_(at::where(active, -std::numeric_limits<double>::infinity(), zero));
+    return;
+  }
+  const Tensor m = std::get<0>(z.max(1, true));
+  const Tensor shift = at::where(at::isfinite(m), m, zero);  // an all -inf row: log(0) = -inf
+  const Tensor lse = at::log((z - shift).exp().sum(1)) + shift.squeeze(1);
+  body.select(1, slot).copy_(at::where(active, lse, zero));
+  const Tensor local = target - vocab_start;
+  const Tensor owned = active & (local >= 0) & (local < V);
+  const Tensor idx = local.clamp(0, V - 1);
+  body.select(1, lay.z_col).copy_(at::where(owned, z.gather(1, idx.unsqueeze(1)).squeeze(1), zero));
+  if (lay.w_col >= 0) body.select(1, lay.w_col).copy_(at::where(owned, class_weight->index_select(0, idx), zero));
+  if (lay.wz_col >= 0) {
+    const Tensor wz = class_weight.has_value() ? (z * *class_weight).sum(1) : z.sum(1);
+    body.select(1, lay.wz_col).copy_(at::where(active, wz, zero));
+  }
+}
+
+void vp_rows_generic(Tensor& logits, const Tensor& target, const std::optional<Tensor>& class_weight,
+                     const Tensor& stats, const Tensor& row_scale, const std::optional<Tensor>& class_weight_sum,
+                     int64_t vocab_start, int64_t num_classes, int64_t ignore_index, double label_smoothing,
+                     double softcap, double z_loss, bool logits_capped, bool write_grad, int64_t num_slots,
+                     Tensor& loss_rows) {
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const StatsLayout lay(num_slots, class_weight.has_value(), label_smoothing != 0.0);
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == rows && stats.dim() == 2 &&
+                  stats.size(0) >= rows && stats.size(1) == lay.width && stats.scalar_type() == acc &&
+                  loss_rows.numel() == rows && class_weight.has_value() == class_weight_sum.has_value(),
+              "_lce_vp_rows: bad arguments (see the schema in csrc/fastreg.cpp)");
+  if (rows == 0) return;
+  const auto opts = stats.options();
+  const Tensor body = stats.narrow(0, 0, rows);
+  const Tensor lse = body.narrow(1, 0, num_slots).logsumexp(1);
+  const Tensor z_t = body.select(1, lay.z_col);
+  const Tensor w_t = lay.w_col >= 0 ? body.select(1, lay.w_col) : at::ones({rows}, opts);
+  const Tensor sum_wz = lay.wz_col >= 0 ? body.select(1, lay.wz_col) : at::zeros({rows}, opts);
+  const Tensor w_sum = class_weight_sum.has_value() ? class_weight_sum->to(acc)
+                                                    : at::scalar_tensor(static_cast<double>(num_classes), opts);
+  const double eps = label_smoothing, inv_v = 1.0 / static_cast<double>(num_classes);
+  const Tensor active = active_rows(target, ignore_index, num_classes);
+  const Tensor zero = at::zeros({}, opts);
+  // lce_row_loss
+  const Tensor loss = (1.0 - eps) * w_t * (lse - z_t) + eps * inv_v * (w_sum * lse - sum_wz) + z_loss * lse * lse;
+  loss_rows.copy_(at::where(active, loss, zero));
+  if (!write_grad) return;
+  Tensor z = logits.to(acc);
+  if (softcap > 0 && !logits_capped) z = at::tanh(z / softcap) * softcap;
+  // lce_grad_coefs
+  const Tensor s = row_scale.to(acc).expand({rows});
+  const Tensor A = s * ((1.0 - eps) * w_t + eps * inv_v * w_sum + 2.0 * z_loss * lse);
+  const Tensor C = s * (1.0 - eps) * w_t;
+  Tensor g = A.unsqueeze(1) * (z - lse.unsqueeze(1)).exp();
+  if (eps != 0.0) {
+    const Tensor B = (s * (eps * inv_v)).unsqueeze(1);
+    g = class_weight.has_value() ? g - B * class_weight->unsqueeze(0) : g - B;
+  }
+  if (V > 0) {
+    const Tensor local = target - vocab_start;
+    const Tensor owned = active & (local >= 0) & (local < V);
+    g.scatter_add_(1, local.clamp(0, V - 1).unsqueeze(1), at::where(owned, -C, zero).unsqueeze(1));
+  }
+  if (softcap > 0) g = g * (1.0 - (z / softcap).square());  // softcap_grad_from_value
+  logits.copy_(at::where(active.unsqueeze(1), g, zero));
+}
+
+bool use_generic_on_cpu() {
+  const char* v = std::getenv("FASTREG_VP_GENERIC");
+  return v != nullptr && v[0] == '1';
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
-  m.impl("_lce_vp_stats", &vp_stats_cpu);
-  m.impl("_lce_vp_rows", &vp_rows_cpu);
+  if (use_generic_on_cpu()) {
+    m.impl("_lce_vp_stats", &vp_stats_generic);
+    m.impl("_lce_vp_rows", &vp_rows_generic);
+  } else {
+    m.impl("_lce_vp_stats", &vp_stats_cpu);
+    m.impl("_lce_vp_rows", &vp_rows_cpu);
+  }
+}
+TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
+  m.impl("_lce_vp_stats", &vp_stats_generic);
+  m.impl("_lce_vp_rows", &vp_rows_generic);
 }
 
 }  // namespace fastreg

@@ -459,7 +459,3 @@ def _check_local(x, w, b, cw, t):
     devices = {v.device for v in (x, w, b, cw, t) if v is not None}
     if len(devices) > 1:
         raise ValueError(f"{_FN}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if x.device.type != "cpu":
-        # The row passes have CPU kernels only so far (csrc/lce/lce_vocab_parallel.cpp).
-        raise NotImplementedError(f"{_FN}: the vocab-parallel row passes run on CPU tensors only in this build, "
-                                  f"got {x.device}")

@@ -280,3 +280,23 @@ def _second_backward(rank, world):
 
 def test_upstream_scale_second_backward_all_ignored():
     run_distributed(_second_backward, 2)
+
+
+def test_device_generic_passes_match_single_process():
+    """The ATen-op passes (the CUDA kernels of _lce_vp_stats/_lce_vp_rows) selected on CPU with
+    FASTREG_VP_GENERIC=1 in a fresh interpreter: every option, uneven shards, fp64 and fp32."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, FASTREG_VP_GENERIC="1")
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    code = ("import torch\n"
+            "from tests.distributed.launch import run_distributed\n"
+            "from tests.distributed.test_vocab_parallel import _compare\n"
+            "if __name__ == '__main__':\n"
+            "    run_distributed(_compare, 2, torch.float64, False, 1e-12)\n"
+            "    run_distributed(_compare, 2, torch.float32, True, 1e-5)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
