@@ -16,7 +16,8 @@ forward + backward (loss, dX, this rank's dW). Providers:
   gather_logits  local logits, all-gathered to N x V, eager cross-entropy, this rank's slice back
 
 Reported per rank: median time of a step, peak extra memory of a step (CPU: process RSS
-high-water mark above the level before the step; CUDA: max_memory_allocated above it), and bytes
+high-water mark above the level before the step, glibc mmapping every block >= 64 KiB as in the
+other fastreg benchmarks; CUDA: max_memory_allocated above it), and bytes
 communicated per step, counted from the collectives the step issues (a dispatch mode sees every
 c10d / functional collective) with the ring-algorithm volume each rank sends: all-reduce of M
 bytes 2 (w-1)/w M, all-gather to M bytes (w-1)/w M, reduce-scatter of M bytes (w-1)/w M. The
@@ -177,8 +178,26 @@ def _peak_extra(step, device: str) -> int:
     return _rss_peak_extra(step)
 
 
+def _mmap_large_blocks() -> None:
+    """The CPU memory method of fastreg.bench (common.CPU_MEMORY_METHOD): glibc mmaps every block
+    >= 64 KiB, so a freed buffer leaves the RSS and the high-water mark counts live bytes, not heap
+    fragmentation. The ordinary bench sets MALLOC_MMAP_THRESHOLD_ for its child; torchrun started
+    this process, so set the same through mallopt (fixed thresholds also stop glibc's adaptation)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: RSS figures are then allocator-dependent
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 65536)
+    libc.mallopt(M_TRIM_THRESHOLD, 65536)
+
+
 def main(args) -> int:
     device = args.device
+    if device == "cpu":
+        _mmap_large_blocks()
     backend = "nccl" if device == "cuda" else "gloo"
     if "RANK" not in os.environ:
         raise SystemExit("--distributed runs under torchrun: torchrun --standalone --nproc-per-node 2 -m fastreg.bench "
