@@ -4,6 +4,8 @@
 //   linear_cross_entropy                 csrc/lce/lce.cpp (driver)  same driver + _lce_rows     fastreg/functional.py
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
+//   _lce_vp_stats, _lce_vp_rows          csrc/lce/lce_vocab_parallel.cpp  same file (ATen ops)  fastreg/distributed/
+//     (vocab-parallel row passes)
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
 //   module fastreg._C (build info)       csrc/module.cpp (pybind11)                             fastreg/_C_loader.py
 //
@@ -34,6 +36,22 @@ TORCH_LIBRARY(fastreg, m) {
   m.def(
       "_lce_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor row_scale, int ignore_index, "
       "float label_smoothing, float softcap, float z_loss, bool write_grad, Tensor(b!) loss_rows) -> ()");
+
+  // ---- vocab-parallel linear cross-entropy (csrc/lce/lce_vocab_parallel.cpp) -----------------
+  // Internal row passes of fastreg.distributed.linear_cross_entropy; this rank holds classes
+  // [vocab_start, vocab_start + V_local) of num_classes. stats rows: [num_slots local log-sum-exps
+  // (this rank writes column `slot`), z_t, w_t (with class_weight), sum_c w_c z_c (with label
+  // smoothing)]. _lce_vp_stats softcaps logits in place and overwrites stats (rows + 1, width); its
+  // last row holds the number of targets that are neither a class nor ignore_index. After the
+  // group's all-reduce of stats, _lce_vp_rows writes the row losses and, if write_grad, the
+  // gradient of this rank's logits in place, times row_scale (numel 1 or rows).
+  m.def(
+      "_lce_vp_stats(Tensor(a!) logits, Tensor target, Tensor? class_weight, int vocab_start, int num_classes, "
+      "int ignore_index, float softcap, bool want_wz, int slot, int num_slots, Tensor(b!) stats) -> ()");
+  m.def(
+      "_lce_vp_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor stats, Tensor row_scale, "
+      "Tensor? class_weight_sum, int vocab_start, int num_classes, int ignore_index, float label_smoothing, "
+      "float softcap, float z_loss, bool logits_capped, bool write_grad, int num_slots, Tensor(b!) loss_rows) -> ()");
 
   // ---- fused optimizers (csrc/optim) ----------------------------------------------------------
   // FASTREG-OPTIM-SCHEMAS (owned by the optimizer kernels; keep them below this line)

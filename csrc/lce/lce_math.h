@@ -12,6 +12,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common.h"
 
@@ -58,6 +59,28 @@ FASTREG_HD T softcap_grad_from_value(T z, T cap) {
 // so no pass ever reads or writes out of bounds.
 FASTREG_HD bool lce_target_active(int64_t t, int64_t ignore_index, int64_t V) {
   return t != ignore_index && t >= 0 && t < V;
+}
+
+}  // namespace fastreg
+
+// ---- vocab-parallel rows (csrc/lce/lce_vocab_parallel.cpp) ----------------------------------------
+// Rank r of a group holds classes [start_r, start_r + V_r) of every row. Each rank reduces its slice
+// to a local log-sum-exp (and, where it owns the target, z_t and w_t); one all-reduce combines them
+// and every rank then has the row's global lse, z_t, w_t, sum_c w_c z_c, which the formulas above
+// turn into the loss and, slice by slice, the gradient (V there is the global class count).
+namespace fastreg {
+
+// log(exp(a) + exp(b)) without overflow; an empty slice contributes -inf.
+template <typename T>
+FASTREG_HD T lse_merge(T a, T b) {
+  const T m = a > b ? a : b;
+  if (!(m > -std::numeric_limits<T>::infinity())) return m;
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// The column of a global class id in this rank's slice, or -1 when another rank owns it.
+FASTREG_HD int64_t vp_local_class(int64_t t, int64_t vocab_start, int64_t v_local) {
+  return t >= vocab_start && t < vocab_start + v_local ? t - vocab_start : -1;
 }
 
 }  // namespace fastreg

@@ -5,6 +5,7 @@
     python -m fastreg.bench --ops optim --optimizers adam --sizes 100x400000 5000x1000
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
+    torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed   # vocab-parallel loss (fastreg/bench/distributed.py)
 
 Sizes: NxDxV for the loss (rows x hidden x vocabulary), TxE for the optimizers (T tensors of E
 elements). Results are appended to <out>/lce.csv, <out>/optim.csv; plots and bars-<device>.md
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bars", action="store_true", help="run the fixed pass/fail configurations of the issues")
     p.add_argument("--strict", action="store_true", help="with --bars: exit 1 if any bar FAILs")
     p.add_argument("--list", action="store_true", help="list providers and their availability, then exit")
+    p.add_argument("--distributed", action="store_true",
+                   help="vocab-parallel loss vs loss_parallel / all-gathers, per rank (launch with torchrun)")
     return p
 
 
@@ -115,6 +118,9 @@ def list_providers(device: str) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.distributed:
+        from . import distributed
+        return distributed.main(args)
     resolve(args, parser)
     if args.list:
         list_providers(args.device)

@@ -14,6 +14,15 @@ them its scale and inf flag as the attributes ``grad_scale`` and ``found_inf`` i
 unscaling and syncing; the kernels divide the gradients by ``grad_scale`` and, when ``found_inf``
 is nonzero, change nothing at all (parameters, state, step counters). All of it is read on the
 device: a step makes no host sync.
+
+DTensor parameters (FSDP2 ``fully_shard``, tensor parallel): the kernels run on the local shards
+(one call per (device, dtype) group over all local shards, DTensor or plain, mixed freely); the
+state tensors are DTensors with their parameter's placements, as torch.optim makes them, so
+``state_dict``/``load_state_dict`` and ``torch.distributed.checkpoint`` treat both alike. A
+``found_inf`` handed over by a (Sharded)GradScaler is first all-reduced (max) over the meshes of
+the DTensor parameters, so an overflow on any rank skips the step on every rank: the scaler's
+fused-optimizer path does not synchronise it (only ``ShardedGradScaler.unscale_`` does; call that
+before ``scaler.step`` to also keep the scale itself identical across ranks).
 """
 from __future__ import annotations
 
@@ -26,6 +35,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover  (torch built without distributed)
+    DTensor = None
+
 from . import _bf16, _ops  # noqa: F401  (_ops loads the operators and their fake implementations)
 
 _REPEAT_NONE = itertools.repeat(None)
@@ -33,6 +47,15 @@ _REPEAT_NONE = itertools.repeat(None)
 
 def _all_present(grads: list) -> bool:
     return all(map(operator.is_not, grads, _REPEAT_NONE))
+
+
+def _local(t: Tensor) -> Tensor:
+    """What a kernel updates in place: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _any_dtensor(ts) -> bool:
+    return DTensor is not None and any(isinstance(t, DTensor) for t in ts)
 
 
 def hyper_float(x: Any) -> float:
@@ -46,18 +69,22 @@ def check_tensor_lr(lr: Any) -> None:
 
 
 class _Bucket:
-    """The operator arguments for one (device, dtype) set of parameters: the parameters and,
-    parallel to them, one list per state tensor (``lists[name]``)."""
+    """The operator arguments for one (device, dtype) set of parameters: the parameters as the
+    kernel sees them (``params``: local shards of DTensors) and, parallel to them, one list per
+    state tensor (``lists[name]``, local too). ``keys`` are the parameters themselves (the keys of
+    the optimizer state, the holders of ``.grad``)."""
 
-    __slots__ = ("params", "device", "lists", "subsets", "complex", "kernel_params")
+    __slots__ = ("keys", "params", "sharded", "device", "lists", "subsets", "complex", "kernel_params")
 
-    def __init__(self, params: list[Tensor], lists: dict[str, list[Tensor]]):
-        self.params = params
-        self.device = params[0].device
+    def __init__(self, keys: list[Tensor], lists: dict[str, list[Tensor]]):
+        self.keys = keys
+        self.sharded = _any_dtensor(keys)
+        self.params = [_local(p) for p in keys] if self.sharded else keys
+        self.device = self.params[0].device
         # complex params go to the kernels as their real views (torch.optim's treatment): the
         # params (kernel_params), the state lists and, each step, the gradients
-        self.complex = params[0].is_complex()
-        self.kernel_params = [torch.view_as_real(p) for p in params] if self.complex else params
+        self.complex = self.params[0].is_complex()
+        self.kernel_params = [torch.view_as_real(p) for p in self.params] if self.complex else self.params
         self.lists = lists
         # presence pattern (tuple of bools) -> _Bucket over the parameters that have gradients
         self.subsets: dict[tuple, _Bucket] = {}
@@ -66,11 +93,14 @@ class _Bucket:
 class _GroupPlan:
     """The buckets of one param group, valid while ``key`` matches the group."""
 
-    __slots__ = ("key", "buckets")
+    __slots__ = ("key", "buckets", "meshes")
 
     def __init__(self, key: tuple, buckets: list[_Bucket]):
         self.key = key
         self.buckets = buckets
+        # the device meshes of the group's DTensor parameters (found_inf is reduced over them)
+        self.meshes = list({p.device_mesh: None for b in buckets for p in b.keys
+                            if DTensor is not None and isinstance(p, DTensor)})
 
 
 class FusedOptimizer(Optimizer):
@@ -162,12 +192,12 @@ class FusedOptimizer(Optimizer):
             if len(bucket.subsets) >= self._MAX_SUBSETS:
                 bucket.subsets.clear()
             names = self._state_lists(group)
-            params = [p for p, has in zip(bucket.params, pattern) if has]
+            params = [p for p, has in zip(bucket.keys, pattern) if has]
             lists: dict[str, list[Tensor]] = {name: [] for name in names}
             for p in params if names else ():  # no state at all (SGD without momentum): like torch, no entry
                 tensors = self._init_state(p, self.state[p], group)
                 for name in names:
-                    lists[name].append(tensors[name])
+                    lists[name].append(_local(tensors[name]) if bucket.sharded else tensors[name])
             if params and params[0].is_complex():
                 lists = {name: [torch.view_as_real(t) if t.is_complex() else t for t in ts]
                          for name, ts in lists.items()}
@@ -189,7 +219,7 @@ class FusedOptimizer(Optimizer):
                           for i, t in enumerate(counters)))
         if not packed:
             base = torch.stack([t.reshape(()).to(counters[0].dtype) for t in counters])
-            for p, view in zip(sub.params, base.unbind(0)):
+            for p, view in zip(sub.keys, base.unbind(0)):
                 self._set_counter(p, view)
             for key in [k for k, other in bucket.subsets.items() if other is not sub]:
                 del bucket.subsets[key]
@@ -210,10 +240,15 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for index, group in enumerate(self.param_groups):
+        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        if found_inf is not None:
+            found_inf = _agree_found_inf(found_inf, plans)
+        for group, plan in zip(self.param_groups, plans):
             lr = group["lr"]
-            for bucket in self._plan(index, group).buckets:
-                grads = [p.grad for p in bucket.params]
+            for bucket in plan.buckets:
+                grads = [p.grad for p in bucket.keys]
+                if bucket.sharded:
+                    grads = [None if g is None else _local(g) for g in grads]
                 if _all_present(grads):
                     sub = bucket.subsets.get(None)
                     if sub is None:
@@ -233,6 +268,22 @@ class FusedOptimizer(Optimizer):
                     lr_value, lr_tensor = float(lr), None
                 self._launch(group, sub, grads, lr_value, lr_tensor, _on(grad_scale, device), _on(found_inf, device))
         return loss
+
+
+def _agree_found_inf(found_inf: Tensor, plans: list[_GroupPlan]) -> Tensor:
+    """found_inf, max-reduced over every mesh dimension of the DTensor parameters: the gradient
+    shards differ between ranks, so one rank may overflow where the others do not, and then no
+    rank may step. An asynchronous device collective (no host sync)."""
+    meshes = list({m: None for plan in plans for m in plan.meshes})
+    if not meshes:
+        return found_inf
+    import torch.distributed as dist
+
+    agreed = found_inf.clone()
+    for mesh in meshes:
+        for dim in range(mesh.ndim):
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return agreed
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

@@ -221,7 +221,7 @@ class SGD(FusedOptimizer):
             if weight_decay != 0:
                 g = g.add(p, alpha=weight_decay)
             if momentum != 0:
-                buf, flag = bucket.lists["momentum_buffer"][i], self._momentum_started[bucket.params[i]]
+                buf, flag = bucket.lists["momentum_buffer"][i], self._momentum_started[bucket.keys[i]]
                 if bool(flag):
                     buf.mul_(momentum).add_(g, alpha=1 - dampening)
                 else:
@@ -231,7 +231,7 @@ class SGD(FusedOptimizer):
             p.add_(g, alpha=-hyper_float(step_lr))
         if not dense:
             return None, grads
-        params = [bucket.params[i] for i in dense]
+        params = [bucket.keys[i] for i in dense]
         lists = {k: [v[i] for i in dense] for k, v in bucket.lists.items() if k != "momentum_started"}
         if momentum != 0:
             lists["momentum_started"] = [self._momentum_started[p] for p in params]
