@@ -5,6 +5,7 @@
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
+//   _fit_epoch (fit() of linear models)  csrc/fit/fit.cpp           (none: CPU only)            fastreg/_fit.py
 //
 // The module `fastreg._C` itself is empty: importing it loads this library, whose static
 // initialisers register the operators with the dispatcher.
@@ -61,4 +62,17 @@ TORCH_LIBRARY(fastreg, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+
+  // ---- fit() of the linear models (csrc/fit) ---------------------------------------------------
+  // One epoch of mini-batch training in C++: batches of batch_size rows in the order perm (None:
+  // 0..N-1), loss 0 = softmax cross-entropy (y int64 labels, class_weight optional), 1 = mean squared
+  // error (y (N, out)); params = [weight] or [weight, bias], updated in place after every batch by
+  // optimizer 0 = SGD, 1 = Adam/AdamW with per-param hyper-parameters (8 numbers per param, see
+  // csrc/fit/fit.cpp) and state (SGD: momentum_buffer, momentum flag; Adam: exp_avg, exp_avg_sq,
+  // max_exp_avg_sq, step), then the L1 soft-threshold (lr * l1) on the weight. check_data: first refuse non-finite X/y and
+  // labels out of range (fit() sets it on the first epoch). Returns the
+  // epoch's mean batch loss (float64, 0-d).
+  m.def(
+      "_fit_epoch(Tensor X, Tensor y, Tensor? perm, Tensor(a!)[] params, Tensor? class_weight, int loss, "
+      "int batch_size, float l1, int optimizer, Tensor(b!)[] state, float[] hyper, int[] trainable, bool check_data) -> Tensor");
 }
