@@ -291,3 +291,23 @@ def test_not_supported_devices_and_dtypes_are_refused():
         mc = MultinomialLogisticRegression(7, 4, device="cuda")
         with pytest.raises(ValueError, match="CPU only"):
             mc.fit(X.cuda(), y.cuda(), optimizer=_opt(mc))
+
+
+@pytest.mark.parametrize("case", ["many_classes", "large_batch_regression"])
+def test_blas_path_equals_python_loop(case):
+    """Batches too large for the row kernels (V > 64, or > 2^18 multiply-adds) take the BLAS path."""
+    if case == "many_classes":
+        X, y = classification_data(n=200, d=5, c=70)
+        a, b = twin(MultinomialLogisticRegression, 5, 70)
+        cw = torch.rand(70) + 0.5
+        kw, loss_kw = {"class_weight": cw}, {"weight": cw}
+    else:
+        X, y = regression_data(n=700, d=50, k=10)
+        a, b = twin(LinearRegression, 50, 10)
+        kw, loss_kw = {}, None
+    opt_a, opt_b = fastreg.optim.Adam(a.parameters(), lr=0.01), fastreg.optim.Adam(b.parameters(), lr=0.01)
+    bs = 64 if case == "many_classes" else 600
+    a.fit(X, y, optimizer=opt_a, epochs=2, batch_size=bs, generator=torch.Generator().manual_seed(4), l1=1e-3, **kw)
+    python_loop(b, X, y, opt_b, epochs=2, batch_size=bs, generator=torch.Generator().manual_seed(4), l1=1e-3,
+                loss_kw=loss_kw)
+    assert_state_close(opt_a, opt_b, [a.weight, a.bias], [b.weight, b.bias], TOL32)

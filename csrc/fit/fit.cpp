@@ -1,17 +1,20 @@
 // fastreg::_fit_epoch: one epoch of mini-batch training of a linear model, entirely in C++ (the
 // engine of MultinomialLogisticRegression.fit / LinearRegression.fit, fastreg/_fit.py).
 //
-// Data flow per batch (no allocation, no ATen call, no return to Python):
-//   gather   rows perm[start : start + b] of X and y into reused buffers (or point at the slice)
-//   GEMM 1   Z = x_b W^T                          (BLAS sgemm/dgemm when torch links one)
-//   rows     + bias; loss and dloss/dZ in place   (softmax-CE with class weights, or MSE)
-//   GEMM 2   grad_W = dZ^T x_b;  grad_b = column sums of dZ
-//   update   each trainable parameter with its param group's optimizer rule: the fused
-//            optimizers' own loops (csrc/optim/optim_cpu.cpp via fit/optim_spans.h), then the L1
-//            proximal step (soft-threshold by lr * l1) on the weight
+// Data flow per batch (no allocation, no ATen call, no return to Python), one of two paths:
+//   small batch, V <= 64:  the one-pass row kernels of csrc/small/small_dense.h: per row (read in
+//                          place through the permutation) logits, loss, d loss/d logits, and the
+//                          accumulated grad_W / grad_b
+//   otherwise:             gather the rows into a reused buffer; GEMM Z = x_b W^T (BLAS sgemm /
+//                          dgemm when torch links one); + bias, loss and dZ in place; GEMM
+//                          grad_W = dZ^T x_b; grad_b = column sums of dZ
+// then every trainable parameter is updated with its param group's optimizer rule: the fused
+// optimizers' own loops (csrc/optim/optim_cpu.cpp via fit/optim_spans.h), and the L1 proximal step
+// (soft-threshold by lr * l1) on the weight.
 // The epoch's permutation comes from Python (torch.randperm with the user's generator), so a fit
 // draws exactly the random numbers of the same loop written in Python. Buffers are allocated once
-// per call. With check_data, X and y are first checked (finite values, labels in range). Returns the epoch's mean batch loss, weighted by batch size (float64, 0-d).
+// per call. With check_data, X and y are first checked (finite values, labels in range). Returns
+// the epoch's mean batch loss, weighted by batch size (float64, 0-d).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,6 +26,7 @@
 
 #include "fit/optim_spans.h"
 #include "optim/optim_math.h"
+#include "small/small_dense.h"
 
 // Fortran BLAS of the library torch links (MKL, OpenBLAS), when it exports one; weak so that the
 // extension still loads against a torch without it (the plain loops below are used then).
@@ -68,6 +72,7 @@ bool blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, in
 // thread pool for a few microseconds of work costs more than it saves (far more on a loaded
 // machine). Restores MKL's setting on exit.
 constexpr int64_t kThreadedMinWork = int64_t(1) << 21;
+constexpr int64_t kRowKernelMaxWork = int64_t(1) << 18;  // multiply-adds per batch product
 struct SingleThreadedBlas {
   int previous = -1;
   explicit SingleThreadedBlas(bool on) {
@@ -296,9 +301,14 @@ at::Tensor fit_epoch_impl(const at::Tensor& X, const at::Tensor& y, const std::o
     }
   }
   const int64_t B = std::min(batch_size, N);
-  std::vector<T> grads(V * D + (has_bias ? V : 0)), z(B * V), x_batch(order != nullptr ? B * D : 0),
-      y_batch(order != nullptr && targets != nullptr ? B * V : 0);
-  std::vector<int64_t> label_batch(order != nullptr && labels != nullptr ? B : 0);
+  // Small batches with few outputs: the one-pass row kernels of csrc/small (logits on the stack,
+  // shuffled rows read in place). Larger ones: two BLAS products per batch through reused buffers
+  // (measured faster from about 1000 x 100 x 10 on).
+  const bool row_kernels = V <= small::kSmallMaxV && B * D * V <= kRowKernelMaxWork;
+  const bool gather = order != nullptr && !row_kernels;
+  std::vector<T> grads(V * D + (has_bias ? V : 0)), z(row_kernels ? 0 : B * V),
+      x_batch(gather ? B * D : 0), y_batch(gather && targets != nullptr ? B * V : 0);
+  std::vector<int64_t> label_batch(gather && labels != nullptr ? B : 0);
 
   std::vector<Param<T>> ps(num_params);
   for (int64_t i = 0; i < num_params; ++i) {
@@ -340,28 +350,57 @@ at::Tensor fit_epoch_impl(const at::Tensor& X, const at::Tensor& y, const std::o
   T* grad_bias = has_bias ? ps[1].grad : nullptr;
   const T l1_threshold = static_cast<T>(ps[0].lr * l1);
 
-  const SingleThreadedBlas blas_threads(B * D * V < kThreadedMinWork);
+  T class_weight_sum = 0;
+  for (int64_t v = 0; cw != nullptr && v < V; ++v) class_weight_sum += cw[v];
+  const SingleThreadedBlas blas_threads(!row_kernels && B * D * V < kThreadedMinWork);
   double loss_sum = 0;
   for (int64_t start = 0; start < N; start += B) {
     const int64_t b = std::min(B, N - start);
-    const T* xb = x + start * D;
-    const int64_t* lb = labels != nullptr ? labels + start : nullptr;
-    const T* yb = targets != nullptr ? targets + start * V : nullptr;
-    if (order != nullptr) {
-      for (int64_t i = 0; i < b; ++i) {
-        const int64_t r = order[start + i];
-        std::memcpy(x_batch.data() + i * D, x + r * D, D * sizeof(T));
-        if (labels != nullptr) label_batch[i] = labels[r];
-        if (targets != nullptr) std::memcpy(y_batch.data() + i * V, targets + r * V, V * sizeof(T));
+    double loss;
+    if (row_kernels) {
+      std::fill(grads.begin(), grads.end(), T(0));  // the row kernels accumulate
+      const int64_t* rows = order != nullptr ? order + start : nullptr;
+      const int64_t first = order != nullptr ? 0 : start;  // without rows, batch row i is data row first + i
+      auto set_linear = [&](small::SmallLinear<T>& a) {
+        a.n = b, a.D = D, a.V = V;
+        a.x = x + first * D, a.x_stride = D, a.rows = rows;
+        a.w = ps[0].p, a.b = bias, a.grad_w = ps[0].grad, a.grad_b = grad_bias;
+      };
+      if (loss_kind == kCrossEntropy) {
+        small::SmallCe<T> a;
+        set_linear(a);
+        a.target = labels + first, a.class_weight = cw, a.class_weight_sum = class_weight_sum;
+        const double denominator = small::ce_small_denominator(a);
+        a.scale = static_cast<T>(1.0 / denominator);
+        loss = small::ce_small(a) / denominator;
+      } else {
+        small::SmallMse<T> a;
+        set_linear(a);
+        a.y = targets + first * V, a.y_stride = V;
+        const double denominator = static_cast<double>(b * V);
+        a.scale = static_cast<T>(1.0 / denominator);
+        loss = small::mse_small(a) / denominator;
       }
-      xb = x_batch.data();
-      lb = label_batch.data();
-      yb = y_batch.data();
+    } else {
+      const T* xb = x + start * D;
+      const int64_t* lb = labels != nullptr ? labels + start : nullptr;
+      const T* yb = targets != nullptr ? targets + start * V : nullptr;
+      if (order != nullptr) {
+        for (int64_t i = 0; i < b; ++i) {
+          const int64_t r = order[start + i];
+          std::memcpy(x_batch.data() + i * D, x + r * D, D * sizeof(T));
+          if (labels != nullptr) label_batch[i] = labels[r];
+          if (targets != nullptr) std::memcpy(y_batch.data() + i * V, targets + r * V, V * sizeof(T));
+        }
+        xb = x_batch.data();
+        lb = label_batch.data();
+        yb = y_batch.data();
+      }
+      linear_rows(xb, b, D, ps[0].p, V, z.data());
+      loss = loss_kind == kCrossEntropy ? cross_entropy_rows(z.data(), b, V, bias, lb, cw)
+                                        : squared_error_rows(z.data(), b, V, bias, yb);
+      linear_grads(xb, b, D, z.data(), V, ps[0].grad, grad_bias);
     }
-    linear_rows(xb, b, D, ps[0].p, V, z.data());
-    const double loss = loss_kind == kCrossEntropy ? cross_entropy_rows(z.data(), b, V, bias, lb, cw)
-                                                   : squared_error_rows(z.data(), b, V, bias, yb);
-    linear_grads(xb, b, D, z.data(), V, ps[0].grad, grad_bias);
     for (auto& q : ps) {
       if (q.trainable) step_param(q, optimizer);
     }
