@@ -3,6 +3,7 @@
     python -m fastreg.bench                      # loss + optimizer sweeps sized for the device
     python -m fastreg.bench --ops lce --sizes 4096x1024x32000 --providers fastreg,eager,floor
     python -m fastreg.bench --ops optim --optimizers adam --sizes 100x400000 5000x1000
+    python -m fastreg.bench --ops fit            # whole fits of the small models vs torch and sklearn
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
 
@@ -19,7 +20,7 @@ import sys
 import torch
 
 from . import common as C
-from . import lce, optim
+from . import fit, lce, optim
 
 
 def _size(text: str) -> tuple:
@@ -39,7 +40,8 @@ def _csv_list(text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastreg.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", choices=["lce", "optim", "all"], default="all", help="what to benchmark (default all)")
+    p.add_argument("--ops", choices=["lce", "optim", "fit", "all"], default="all",
+                   help="what to benchmark (default all; fit: whole fits, CPU, not with --sizes)")
     p.add_argument("--providers", type=_csv_list, default=None,
                    help="comma list; loss: " + ",".join(lce.ALL_NAMES) + "; optimizers: " + ",".join(optim.PROVIDERS)
                    + " ('wrong' is a self-test canary that must come out WRONG). Default: all but 'wrong'")
@@ -136,6 +138,9 @@ def main(argv=None) -> int:
         written.append(os.path.join(args.out, "lce.csv"))
     if run_optim and args.optim_providers and optim.run(args, prov, args.out, args.progress):
         written.append(os.path.join(args.out, "optim.csv"))
+    if args.ops in ("fit", "all") and args.device == "cpu" and not args.sizes and fit.run(args, prov, args.out,
+                                                                                            args.progress):
+        written.append(os.path.join(args.out, "fit.csv"))
     print("\nresults appended to " + (", ".join(written) if written else "nothing (no sizes/providers selected)"))
     return 0
 
