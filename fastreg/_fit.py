@@ -234,7 +234,7 @@ def fit_linear(model, X: Tensor, y: Tensor, *, loss: int, optimizer, epochs: int
                     since_best += 1
             if callback is not None and callback(epoch, model, history):
                 break
-            if patience is not None and since_best >= patience:
+            if patience is not None and since_best >= patience and epoch < epochs - 1:
                 stopped_early = True
                 break
         if restore_best and best_params is not None and best_epoch != len(history["loss"]) - 1:
