@@ -311,3 +311,20 @@ def test_blas_path_equals_python_loop(case):
     python_loop(b, X, y, opt_b, epochs=2, batch_size=bs, generator=torch.Generator().manual_seed(4), l1=1e-3,
                 loss_kw=loss_kw)
     assert_state_close(opt_a, opt_b, [a.weight, a.bias], [b.weight, b.bias], TOL32)
+
+
+def test_bench_fit_correctness_gate_and_bars():
+    from fastreg.bench import fit as bench_fit
+    assert bench_fit.check_fit_equals_python_loop() <= 1e-4
+    rows = [{"problem": "digits", "provider": "fit", "median_ms": 10.0, "value": 0.97},
+            {"problem": "digits", "provider": "torch", "median_ms": 150.0, "value": 0.97},
+            {"problem": "digits", "provider": "sk-logistic", "median_ms": 40.0, "value": 0.97},
+            {"problem": "synthetic", "provider": "fit", "median_ms": 100.0, "value": 0.9970},
+            {"problem": "synthetic", "provider": "torch", "median_ms": 350.0, "value": 0.9970},
+            {"problem": "synthetic", "provider": "sk-linear", "median_ms": 50.0, "value": 0.9975}]
+    result = {text: passed for text, passed, _ in bench_fit.bars(rows)}
+    assert result == {"digits fit() >= 10x faster than the torch loop": True,
+                      "digits fit() >= 5x faster than sklearn LogisticRegression()": False,
+                      "digits fit() test accuracy >= 96 %": True,
+                      "synthetic fit() R^2 within 1e-3 of sklearn LinearRegression": True,
+                      "synthetic fit() >= 3x faster than the torch loop": True}

@@ -138,8 +138,9 @@ def main(argv=None) -> int:
         written.append(os.path.join(args.out, "lce.csv"))
     if run_optim and args.optim_providers and optim.run(args, prov, args.out, args.progress):
         written.append(os.path.join(args.out, "optim.csv"))
-    if args.ops in ("fit", "all") and args.device == "cpu" and not args.sizes and fit.run(args, prov, args.out,
-                                                                                            args.progress):
+    # whole fits: fixed problems and providers, so not with explicit --sizes / --providers
+    run_fit = args.ops == "fit" or (args.ops == "all" and args.providers is None and not args.sizes)
+    if run_fit and args.device == "cpu" and fit.run(args, prov, args.out, args.progress):
         written.append(os.path.join(args.out, "fit.csv"))
     print("\nresults appended to " + (", ".join(written) if written else "nothing (no sizes/providers selected)"))
     return 0
