@@ -328,3 +328,15 @@ def test_bench_fit_correctness_gate_and_bars():
                       "digits fit() test accuracy >= 96 %": True,
                       "synthetic fit() R^2 within 1e-3 of sklearn LinearRegression": True,
                       "synthetic fit() >= 3x faster than the torch loop": True}
+
+
+def test_fit_epoch_operator_opcheck():
+    """The operator's schema declares exactly what it mutates; fake and AOT dispatch work."""
+    X, y = classification_data(n=20, d=3, c=4)
+    w, b = torch.randn(4, 3), torch.randn(4)
+    state = [torch.zeros(4, 3), torch.zeros(4, 3), torch.empty(0), torch.zeros(()),
+             torch.zeros(4), torch.zeros(4), torch.empty(0), torch.zeros(())]
+    hyper = [0.01, 0.9, 0.999, 0.0, 1e-8, 0.0, 0.0, 0.0] * 2
+    args = (X, y, torch.randperm(20), [w, b], None, 0, 8, 0.0, 1, state, hyper, [1, 1], True)
+    result = torch.library.opcheck(torch.ops.fastreg._fit_epoch.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
