@@ -340,3 +340,15 @@ def test_fit_epoch_operator_opcheck():
     args = (X, y, torch.randperm(20), [w, b], None, 0, 8, 0.0, 1, state, hyper, [1, 1], True)
     result = torch.library.opcheck(torch.ops.fastreg._fit_epoch.default, args)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_model_without_bias():
+    X, y = classification_data()
+    torch.manual_seed(0)
+    a = MultinomialLogisticRegression(7, 4, bias=False)
+    b = copy.deepcopy(a)
+    opt_a = fastreg.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    opt_b = fastreg.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    a.fit(X, y, optimizer=opt_a, epochs=2, batch_size=25, generator=torch.Generator().manual_seed(0))
+    python_loop(b, X, y, opt_b, epochs=2, batch_size=25, generator=torch.Generator().manual_seed(0))
+    assert_state_close(opt_a, opt_b, [a.weight], [b.weight], TOL32)

@@ -228,7 +228,7 @@ void soft_threshold(T* p, int64_t n, T threshold) {
   }
 }
 
-// ---- argument checks (Python checks the data itself: finiteness, label range) -----------------
+// ---- argument checks (the data values too, with check_data, before any update) ------------------
 
 constexpr const char* kOp = "fastreg::_fit_epoch";
 
