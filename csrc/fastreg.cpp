@@ -2,7 +2,10 @@
 //
 //   op                                   CPU kernel                 CUDA kernel                 Python API
 //   linear_cross_entropy                 csrc/lce/lce.cpp (driver)  same driver + _lce_rows     fastreg/functional.py
+//     (autograd: C++ kernel at the Autograd key in csrc/lce/lce.cpp; V <= 64 on CPU: csrc/small/small_dense.h)
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
+//   linear_mse_loss (+ _backward)        csrc/mse/mse.cpp           same (ATen GEMMs)           fastreg/functional.py
+//     (autograd: C++ kernel at the Autograd key in csrc/mse/mse.cpp; V <= 64 on CPU: csrc/small/small_dense.h)
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
 //   _fit_epoch (fit() of linear models)  csrc/fit/fit.cpp           (none: CPU only)            fastreg/_fit.py
@@ -41,6 +44,18 @@ TORCH_LIBRARY(fastreg, m) {
   m.def(
       "_lce_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor row_scale, int ignore_index, "
       "float label_smoothing, float softcap, float z_loss, bool write_grad, Tensor(b!) loss_rows) -> ()");
+
+  // ---- fused linear -> mean-squared error ------------------------------------------------------
+  // input (*, D), weight (V, D), target (*, V) of input's dtype, bias (V,). reduction as above;
+  // 'none' gives the (*, V) squared errors. output_mask as for linear_cross_entropy (the Autograd
+  // kernel adds the gradients of inputs that require grad).
+  m.def(
+      "linear_mse_loss(Tensor input, Tensor weight, Tensor target, Tensor? bias, int reduction, bool[3] output_mask) "
+      "-> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients for reduction='none' given the per-element upstream gradient grad_loss (*, V).
+  m.def(
+      "linear_mse_loss_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- fused optimizers (csrc/optim) ----------------------------------------------------------
   // FASTREG-OPTIM-SCHEMAS (owned by the optimizer kernels; keep them below this line)

@@ -7,9 +7,9 @@ Submodules: ``fastreg.nn`` (modules), ``fastreg.optim`` (SGD, Adam, AdamW), ``fa
 The operators themselves are ``torch.ops.fastreg.*`` (schemas in csrc/fastreg.cpp).
 """
 from ._C_loader import has_cuda_kernels  # noqa: F401  (loads the operator library first)
-from .functional import linear_cross_entropy  # noqa: F401
+from .functional import linear_cross_entropy, linear_mse_loss  # noqa: F401
 from . import nn  # noqa: F401
 from . import optim  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "nn", "optim", "has_cuda_kernels"]
+__all__ = ["linear_cross_entropy", "linear_mse_loss", "nn", "optim", "has_cuda_kernels"]

@@ -29,6 +29,8 @@
 
 #include "lce/lce_math.h"
 #include "small/small_dense.h"
+#include "small/fused_linear_autograd.h"
+#include "small/small_parallel.h"
 
 namespace fastreg {
 namespace {
@@ -231,50 +233,14 @@ void finish_grads(const Problem& p, Grads& g) {
 }
 
 // ---------------------------------------------------------------------------------- small path
-// Few classes, float/double on CPU: one pass over the rows (csrc/small/small_dense.h).
+// Few classes, float/double on CPU, little work: one pass over the rows (csrc/small/small_dense.h).
+// Above ~2M multiply-adds the blocked GEMMs of the chunk path win (measured: 4096 x 256 x 32 runs
+// 2x faster there), below it their fixed costs dominate.
+constexpr int64_t kSmallPathMaxWork = int64_t(1) << 21;
 bool use_small_path(const Problem& p) {
   const auto dt = p.x.scalar_type();
-  return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && p.V <= small::kSmallMaxV && p.D <= 2048;
-}
-
-// Below this many multiply-adds a batch runs on the calling thread: a parallel region costs more.
-constexpr int64_t kSmallParallelWork = int64_t(1) << 19;
-
-// Runs `pass(args, row_begin, row_end)` over the rows, in parallel blocks when the work pays for
-// it, each block accumulating its own grad_W / grad_b that are summed at the end. Returns the sum
-// of the passes' results.
-template <typename T, typename Args, typename Pass>
-double small_rows_parallel(Args a, Pass pass) {
-  const int64_t work = a.n * a.D * a.V;
-  const int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(work / kSmallParallelWork, 1));
-  if (blocks <= 1 || at::in_parallel_region()) return pass(a, 0, a.n);
-  const bool partial = a.grad_w || a.grad_b;
-  const int64_t stride = a.V * a.D + a.V;
-  Tensor scratch = partial ? at::zeros({blocks, stride}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))
-                           : Tensor();
-  std::vector<double> totals(blocks, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      Args part = a;
-      if (partial) {
-        T* base = scratch.data_ptr<T>() + blk * stride;
-        if (a.grad_w) part.grad_w = base;
-        if (a.grad_b) part.grad_b = base + a.V * a.D;
-      }
-      totals[blk] = pass(part, a.n * blk / blocks, a.n * (blk + 1) / blocks);
-    }
-  });
-  if (partial) {
-    const Tensor sum = scratch.sum(0);
-    const T* s = sum.data_ptr<T>();
-    if (a.grad_w)
-      for (int64_t k = 0; k < a.V * a.D; ++k) a.grad_w[k] += s[k];
-    if (a.grad_b)
-      for (int64_t k = 0; k < a.V; ++k) a.grad_b[k] += s[a.V * a.D + k];
-  }
-  double total = 0;
-  for (double t : totals) total += t;
-  return total;
+  return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && p.V <= small::kSmallMaxV &&
+         p.N * p.D * p.V <= kSmallPathMaxWork;
 }
 
 // The small-path counterpart of run_chunks (same contract). Returns sum_i loss_i.
@@ -310,7 +276,7 @@ double run_small(const Problem& p, int64_t ignore_index, double label_smoothing,
   a.row_scale = row_scale.defined() ? row_scale.data_ptr<T>() : nullptr;
   a.loss_rows = loss_rows;
   if (p.N == 0) return 0.0;
-  return small_rows_parallel<T>(a, [](small::SmallCe<T> part, int64_t r0, int64_t r1) {
+  return small::small_rows_parallel<T>(a, [](small::SmallCe<T> part, int64_t r0, int64_t r1) {
     part.n = r1 - r0;
     part.x += r0 * part.x_stride;
     part.target += r0;
@@ -434,17 +400,6 @@ std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const T
 // upstream gradient (the backward scales them); for 'none' the backward op recomputes the logits
 // with each row's upstream gradient.
 
-// True while torch.compile / AOTAutograd traces (fake or functional tensors): the backward is then
-// traced with grad mode on, which is not a double backward.
-bool is_traced(const Tensor& t) {
-  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
-}
-
-const Tensor& scaled(const Tensor& g, const Tensor& grad_loss, Tensor& out) {
-  out = g * grad_loss;  // out of place: backward may run more than once over the graph (retain_graph)
-  return out;
-}
-
 class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
@@ -481,9 +436,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     torch::autograd::variable_list out(12);
     const Tensor& grad_loss = grads[0];
     if (!grad_loss.defined()) return out;  // only the loss carries a gradient
-    TORCH_CHECK(!at::GradMode::is_enabled() || is_traced(grad_loss),
-                "fastreg.linear_cross_entropy does not support double backward (create_graph=True); use the eager "
-                "F.cross_entropy(F.linear(...)) for that");
+    check_not_double_backward(grad_loss, "fastreg.linear_cross_entropy", "F.cross_entropy(F.linear(...))");
     const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1),
                need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
     const auto saved = ctx->get_saved_variables();
@@ -501,9 +454,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
       if (need_weight) out[1] = gw;
       if (need_bias) out[3] = gb;
     } else {
-      if (need_input) scaled(saved[0], grad_loss, out[0]);
-      if (need_weight) scaled(saved[1], grad_loss, out[1]);
-      if (need_bias) scaled(saved[2], grad_loss, out[3]);
+      scale_saved_grads(saved, grad_loss, need_input, need_weight, need_bias, out);
     }
     return out;
   }
@@ -522,12 +473,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_autograd(const Tensor& input, con
   TORCH_CHECK(!(grad_mode && class_weight && class_weight->requires_grad()), fn,
               " is not differentiable with respect to argument 'weight' (the class weights), like F.cross_entropy: "
               "pass weight.detach()");
-  // The gradients the forward must produce: those asked for, plus those autograd will need.
-  if (grad_mode) {
-    output_mask[0] = output_mask[0] || input.requires_grad();
-    output_mask[1] = output_mask[1] || weight.requires_grad();
-    output_mask[2] = output_mask[2] || (bias && bias->requires_grad());
-  }
+  output_mask = mask_for_autograd(output_mask, input, weight, bias);
   auto outs = LinearCrossEntropyFunction::apply(input, weight, target, bias, class_weight, reduction, ignore_index,
                                                 label_smoothing, softcap, z_loss, chunk_size, output_mask);
   return {outs[0], outs[1], outs[2], outs[3]};
