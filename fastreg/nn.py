@@ -8,9 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import functional
 from ._fit import CROSS_ENTROPY, MEAN_SQUARED_ERROR, fit_linear
-from .functional import linear_cross_entropy
+from .functional import linear_cross_entropy, linear_mse_loss
 
 __all__ = ["LinearCrossEntropyLoss", "MultinomialLogisticRegression", "LinearRegression"]
 
@@ -166,13 +165,6 @@ class MultinomialLogisticRegression(nn.Module):
         return f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}"
 
 
-def _linear_mse_loss(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor]) -> Tensor:
-    fused = getattr(functional, "linear_mse_loss", None)
-    if fused is not None:
-        return fused(x, weight, target, linear_bias=bias)
-    return F.mse_loss(F.linear(x, weight, bias), target)  # until the fused op is available
-
-
 class LinearRegression(nn.Module):
     r"""Linear regression ``y = x W^T + b`` fitted on the mean squared error.
 
@@ -212,7 +204,7 @@ class LinearRegression(nn.Module):
 
     def loss(self, x: Tensor, target: Tensor) -> Tensor:
         """Mean squared error over all outputs (``F.mse_loss(model(x), target)``), fused."""
-        return _linear_mse_loss(x, self.weight, self._as_2d(target), self.bias)
+        return linear_mse_loss(x, self.weight, self._as_2d(target), linear_bias=self.bias)
 
     @torch.no_grad()
     def score(self, x: Tensor, y: Tensor) -> float:
