@@ -2,12 +2,16 @@
 //
 //   op                                   CPU kernel                 CUDA kernel                 Python API
 //   linear_cross_entropy                 csrc/lce/lce.cpp (driver)  same driver + _lce_rows     fastreg/functional.py
+//     (autograd: C++ kernel at the Autograd key in csrc/lce/lce.cpp; V <= 64 on CPU: csrc/small/small_dense.h)
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
+//   linear_mse_loss (+ _backward)        csrc/mse/mse.cpp           same (ATen GEMMs)           fastreg/functional.py
+//     (autograd: C++ kernel at the Autograd key in csrc/mse/mse.cpp; V <= 64 on CPU: csrc/small/small_dense.h)
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
 //   _lce_vp_stats, _lce_vp_rows          csrc/lce/lce_vocab_parallel.cpp  same file (ATen ops)  fastreg/distributed/
 //     (vocab-parallel row passes)
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
 //   module fastreg._C (build info)       csrc/module.cpp (pybind11)                             fastreg/_C_loader.py
+//   _fit_epoch (fit() of linear models)  csrc/fit/fit.cpp           (none: CPU only)            fastreg/_fit.py
 //
 // Importing `fastreg._C` loads this library, whose static initialisers register the operators
 // with the dispatcher.
@@ -52,6 +56,17 @@ TORCH_LIBRARY(fastreg, m) {
       "_lce_vp_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor stats, Tensor row_scale, "
       "Tensor? class_weight_sum, int vocab_start, int num_classes, int ignore_index, float label_smoothing, "
       "float softcap, float z_loss, bool logits_capped, bool write_grad, int num_slots, Tensor(b!) loss_rows) -> ()");
+  // ---- fused linear -> mean-squared error ------------------------------------------------------
+  // input (*, D), weight (V, D), target (*, V) of input's dtype, bias (V,). reduction as above;
+  // 'none' gives the (*, V) squared errors. output_mask as for linear_cross_entropy (the Autograd
+  // kernel adds the gradients of inputs that require grad).
+  m.def(
+      "linear_mse_loss(Tensor input, Tensor weight, Tensor target, Tensor? bias, int reduction, bool[3] output_mask) "
+      "-> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients for reduction='none' given the per-element upstream gradient grad_loss (*, V).
+  m.def(
+      "linear_mse_loss_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- fused optimizers (csrc/optim) ----------------------------------------------------------
   // FASTREG-OPTIM-SCHEMAS (owned by the optimizer kernels; keep them below this line)
@@ -78,4 +93,17 @@ TORCH_LIBRARY(fastreg, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "Tensor? grad_scale, Tensor? found_inf, int sr_seed=-1, Tensor(f!)[]? master_params=None) -> ()");
+
+  // ---- fit() of the linear models (csrc/fit) ---------------------------------------------------
+  // One epoch of mini-batch training in C++: batches of batch_size rows in the order perm (None:
+  // 0..N-1), loss 0 = softmax cross-entropy (y int64 labels, class_weight optional), 1 = mean squared
+  // error (y (N, out)); params = [weight] or [weight, bias], updated in place after every batch by
+  // optimizer 0 = SGD, 1 = Adam/AdamW with per-param hyper-parameters (8 numbers per param, see
+  // csrc/fit/fit.cpp) and state (SGD: momentum_buffer, momentum flag; Adam: exp_avg, exp_avg_sq,
+  // max_exp_avg_sq, step), then the L1 soft-threshold (lr * l1) on the weight. check_data: first refuse non-finite X/y and
+  // labels out of range (fit() sets it on the first epoch). Returns the
+  // epoch's mean batch loss (float64, 0-d).
+  m.def(
+      "_fit_epoch(Tensor X, Tensor y, Tensor? perm, Tensor(a!)[] params, Tensor? class_weight, int loss, "
+      "int batch_size, float l1, int optimizer, Tensor(b!)[] state, float[] hyper, int[] trainable, bool check_data) -> Tensor");
 }

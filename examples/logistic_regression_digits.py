@@ -9,17 +9,18 @@ This script walks through the whole workflow on scikit-learn's bundled 8x8 digit
 (1797 images, 64 pixel features, 10 classes):
 
 1. the model, ``fastreg.nn.MultinomialLogisticRegression``, and its ``parameters()``;
-2. training with the fused loss ``model.loss(x, target)`` (linear layer + softmax +
-   cross-entropy in one op) and ``fastreg.optim.Adam``;
+2. training with ``model.fit(...)``: the whole mini-batch loop (shuffling, the fused loss
+   linear layer + softmax + cross-entropy with its gradients, the ``fastreg.optim.Adam`` update)
+   runs in C++, coming back to Python once per epoch for the history and the callback;
 3. L2 regularisation through the optimizer's ``weight_decay`` (on the weights, not the bias);
 4. freezing a parameter with ``requires_grad_(False)``;
-5. early stopping on the validation loss, then predictions with ``predict`` / ``predict_proba``.
+5. early stopping on the validation loss (``validation_data``, ``patience``; the best epoch's
+   parameters are restored), then predictions with ``predict`` / ``predict_proba``.
 
     python examples/logistic_regression_digits.py           # up to 200 epochs
     python examples/logistic_regression_digits.py --fast    # up to 60 epochs (used by the tests)
 """
 import argparse
-import copy
 
 import torch
 from sklearn.datasets import load_digits
@@ -69,50 +70,40 @@ def main() -> None:
         {"params": [model.bias], "weight_decay": 0.0},
     ], lr=0.01)
 
-    # 4. Freezing: hold the bias fixed for the first epochs (only the weights learn). A frozen
-    # parameter gets no gradient, and the optimizer skips parameters without one.
+    # 4. Freezing: hold the bias fixed for the first epochs (only the weights learn). fit() leaves
+    # parameters that do not require grad untouched, as the optimizer skips parameters without a
+    # gradient in a Python loop.
     freeze_epochs = 3
     model.bias.requires_grad_(False)
     bias_before = model.bias.detach().clone()
     print(f"\nbias frozen for the first {freeze_epochs} epochs: "
           f"trainable parameters now {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
 
-    # 5. Training with early stopping on the validation loss -----------------------------------
-    best_val, best_epoch, best_state, since_best = float("inf"), 0, None, 0
+    def report(epoch, model, history):  # called by fit() after every epoch
+        print(f"epoch {len(all_epochs) + 1:3d}  train loss {history['loss'][-1]:.4f}  "
+              f"val loss {history['val_loss'][-1]:.4f}  val accuracy {history['val_score'][-1]:.4f}")
+        all_epochs.append(history["val_loss"][-1])
+
+    all_epochs: list = []
     batch_size = 64
-    for epoch in range(1, max_epochs + 1):
-        if epoch == freeze_epochs + 1:
-            print(f"bias unchanged while frozen: {torch.equal(model.bias, bias_before)}")
-            model.bias.requires_grad_(True)
-            print("bias unfrozen")
-        model.train()
-        perm = torch.randperm(len(X_train))
-        train_loss = 0.0
-        for i in range(0, len(X_train), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = model.loss(X_train[idx], y_train[idx])  # fused: logits are never stored
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            train_loss += loss.item() * len(idx)
-        train_loss /= len(X_train)
+    generator = torch.Generator().manual_seed(0)  # the shuffling of every epoch
+    model.fit(X_train, y_train, optimizer=opt, epochs=freeze_epochs, batch_size=batch_size, generator=generator,
+              validation_data=(X_val, y_val), restore_best=False, callback=report)
+    print(f"bias unchanged while frozen: {torch.equal(model.bias, bias_before)}")
+    model.bias.requires_grad_(True)
+    print("bias unfrozen")
 
-        model.eval()
-        with torch.no_grad():
-            val_loss = model.loss(X_val, y_val).item()
-            val_acc = (model.predict(X_val) == y_val).float().mean().item()
-        print(f"epoch {epoch:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  val accuracy {val_acc:.4f}")
-
-        if val_loss < best_val - 1e-4:
-            best_val, best_epoch, since_best = val_loss, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            since_best += 1
-            if since_best >= args.patience:
-                print(f"early stopping at epoch {epoch}: no validation improvement for {args.patience} epochs")
-                break
-    model.load_state_dict(best_state)
-    print(f"restored the parameters of epoch {best_epoch} (best validation loss {best_val:.4f})")
+    # 5. Training with early stopping on the validation loss -----------------------------------
+    # The optimizer's state (step counts, moments) simply continues from the first fit.
+    model.fit(X_train, y_train, optimizer=opt, epochs=max_epochs - freeze_epochs, batch_size=batch_size,
+              generator=generator, validation_data=(X_val, y_val), patience=args.patience, tol=1e-4,
+              callback=report)
+    h = model.history_
+    if h["stopped_early"]:
+        print(f"early stopping at epoch {freeze_epochs + h['epochs']}: no validation improvement for "
+              f"{args.patience} epochs")
+    best_epoch = freeze_epochs + h["best_epoch"] + 1
+    print(f"restored the parameters of epoch {best_epoch} (best validation loss {min(h['val_loss']):.4f})")
 
     # Evaluation and predictions ---------------------------------------------------------------
     with torch.no_grad():

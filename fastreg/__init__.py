@@ -10,8 +10,8 @@ The operators themselves are ``torch.ops.fastreg.*`` (schemas in csrc/fastreg.cp
 """
 from ._version import __version__  # noqa: F401
 from ._C_loader import build_info, has_cuda_kernels  # noqa: F401  (loads the operator library first)
-from .functional import linear_cross_entropy  # noqa: F401
+from .functional import linear_cross_entropy, linear_mse_loss  # noqa: F401
 from . import nn  # noqa: F401
 from . import optim  # noqa: F401
 
-__all__ = ["linear_cross_entropy", "nn", "optim", "has_cuda_kernels", "build_info"]
+__all__ = ["linear_cross_entropy", "linear_mse_loss", "nn", "optim", "has_cuda_kernels", "build_info"]

@@ -8,9 +8,51 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .functional import linear_cross_entropy
+from ._fit import CROSS_ENTROPY, MEAN_SQUARED_ERROR, fit_linear
+from .functional import linear_cross_entropy, linear_mse_loss
 
-__all__ = ["LinearCrossEntropyLoss", "MultinomialLogisticRegression"]
+__all__ = ["LinearCrossEntropyLoss", "MultinomialLogisticRegression", "LinearRegression"]
+
+_FIT_DOC = """
+        Trains the model on ``(X, y)`` with mini-batch gradient descent; the whole batch loop runs
+        in C++ (``torch.ops.fastreg._fit_epoch``, csrc/fit/fit.cpp): batch gather, fused loss and
+        gradients, and the optimizer's own update rule, with no return to Python between batches
+        (Python runs once per epoch: permutation, history, validation, callback, early stopping).
+        The result equals the same loop written in Python with ``model.loss``, ``backward`` and
+        ``optimizer.step()`` (and the same generator) to rounding.
+
+        Args:
+            X: (n_samples, in_features) CPU tensor, the model's dtype (float32 or float64).
+            y: {y_doc}
+            optimizer: a ``fastreg.optim.SGD``, ``Adam`` or ``AdamW`` over (some of) the model's
+                parameters. Its param groups and hyper-parameters are honoured (lr, betas, eps,
+                weight_decay = L2, momentum, dampening, nesterov, amsgrad, maximize), read at the
+                start of every epoch; its state (step counts, moments, momentum buffers) is
+                created as by the first ``step()`` and continues afterwards exactly as if
+                ``step()`` had been called once per batch. Parameters outside it or with
+                ``requires_grad=False`` stay fixed. A learning-rate scheduler can only step per
+                epoch (from ``callback``), never per batch; GradScaler is refused.
+            epochs: passes over the data (>= 1).
+            batch_size: rows per step; ``None`` = the full batch. The last batch may be smaller.
+            shuffle: visit the rows in the order ``torch.randperm(n, generator=generator)``, drawn
+                afresh every epoch (as a Python loop would); ``False``: in order.
+            generator: the ``torch.Generator`` for the permutations (default: torch's global one).
+            validation_data: optional ``(X_val, y_val)``, evaluated after every epoch:
+                ``history_["val_loss"]`` and ``history_["val_score"]`` ({score_doc}).
+            patience: early stopping: stop after this many epochs without a validation-loss
+                improvement larger than ``tol`` (needs validation_data).
+            restore_best: with validation data, end with the parameters of the best epoch (the
+                optimizer state stays that of the last epoch).
+            l1: L1 penalty ``l1 * |weight|_1``, applied as a proximal soft-threshold step
+                (by ``lr * l1``) after each update of the weight (not the bias).
+            {extra_doc}callback: ``callback(epoch, model, history)`` after every epoch; returning True stops.
+
+        Returns ``self``, with ``history_`` (``loss``: the mean training batch loss per epoch,
+        ``val_loss``, ``val_score``, ``epochs``, ``best_epoch``, ``stopped_early``) and
+        ``n_iter_`` (epochs run). Bad input (shapes, dtypes, devices, labels out of range, NaN or
+        inf, empty X) raises before any parameter changes. CPU only: other devices and dtypes
+        are refused with a clear error (train those with ``model.loss`` in a Python loop).
+"""
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -95,5 +137,103 @@ class MultinomialLogisticRegression(nn.Module):
     def loss(self, x: Tensor, target: Tensor, **kwargs) -> Tensor:
         return linear_cross_entropy(x, self.weight, target, linear_bias=self.bias, **kwargs)
 
+    @torch.no_grad()
+    def score(self, x: Tensor, y: Tensor) -> float:
+        """Mean accuracy on ``(x, y)``, as scikit-learn's ``ClassifierMixin.score``."""
+        return float((self.predict(x) == y).double().mean())
+
+    def fit(self, X: Tensor, y: Tensor, *, optimizer, epochs: int = 1, batch_size: Optional[int] = None,
+            shuffle: bool = True, generator: Optional[torch.Generator] = None, validation_data=None,
+            patience: Optional[int] = None, tol: float = 1e-4, restore_best: bool = True, l1: float = 0.0,
+            class_weight: Optional[Tensor] = None, callback=None) -> "MultinomialLogisticRegression":
+        return fit_linear(self, X, y, loss=CROSS_ENTROPY, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
+                          shuffle=shuffle, generator=generator, validation_data=validation_data, patience=patience,
+                          tol=tol, restore_best=restore_best, l1=l1, class_weight=class_weight, callback=callback,
+                          out_features=self.num_classes)
+
+    fit.__doc__ = _FIT_DOC.format(
+        y_doc="(n_samples,) integer class labels in [0, num_classes).",
+        score_doc="accuracy",
+        extra_doc="class_weight: (num_classes,) weights of the classes in the loss, as\n"
+                  "                ``linear_cross_entropy(weight=...)`` (weighted mean).\n            ")
+
+    @torch.no_grad()
+    def _validation_metrics(self, X: Tensor, y: Tensor, class_weight: Optional[Tensor]) -> tuple[float, float]:
+        return float(self.loss(X, y, weight=class_weight)), self.score(X, y)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}"
+
+
+class LinearRegression(nn.Module):
+    r"""Linear regression ``y = x W^T + b`` fitted on the mean squared error.
+
+    Parameters ``weight`` ``(out_features, in_features)`` and ``bias`` ``(out_features,)``,
+    initialised like ``nn.Linear``. ``forward(x)`` / ``predict(x)`` give the predictions,
+    ``loss(x, target)`` the mean squared error (:func:`fastreg.linear_mse_loss`, fused linear +
+    MSE), ``score(x, y)`` the coefficient of determination R^2 exactly as scikit-learn's
+    ``r2_score`` (multi-output: uniform average), and ``fit(X, y, optimizer=...)`` trains in C++.
+    For ``out_features == 1`` targets may be ``(N,)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int = 1, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    reset_parameters = MultinomialLogisticRegression.reset_parameters
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        return self.forward(x)
+
+    def _as_2d(self, target: Tensor) -> Tensor:
+        return target.unsqueeze(-1) if self.out_features == 1 and target.dim() == 1 else target
+
+    def loss(self, x: Tensor, target: Tensor) -> Tensor:
+        """Mean squared error over all outputs (``F.mse_loss(model(x), target)``), fused."""
+        return linear_mse_loss(x, self.weight, self._as_2d(target), linear_bias=self.bias)
+
+    @torch.no_grad()
+    def score(self, x: Tensor, y: Tensor) -> float:
+        """R^2 = 1 - SS_res / SS_tot per output, averaged uniformly over outputs, computed in float64;
+        like scikit-learn, an output with SS_tot = 0 scores 1 if predicted exactly, else 0."""
+        y = self._as_2d(y).double()
+        pred = self.forward(x).double().reshape(y.shape)
+        ss_res = ((y - pred) ** 2).sum(0)
+        ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+        exact = ss_res == 0
+        r2 = torch.where(ss_tot != 0, 1 - ss_res / torch.where(ss_tot != 0, ss_tot, 1.0),
+                         torch.where(exact, 1.0, 0.0).double())
+        return float(r2.mean())
+
+    def fit(self, X: Tensor, y: Tensor, *, optimizer, epochs: int = 1, batch_size: Optional[int] = None,
+            shuffle: bool = True, generator: Optional[torch.Generator] = None, validation_data=None,
+            patience: Optional[int] = None, tol: float = 1e-4, restore_best: bool = True, l1: float = 0.0,
+            callback=None) -> "LinearRegression":
+        return fit_linear(self, X, y, loss=MEAN_SQUARED_ERROR, optimizer=optimizer, epochs=epochs,
+                          batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          validation_data=validation_data, patience=patience, tol=tol, restore_best=restore_best,
+                          l1=l1, class_weight=None, callback=callback, out_features=self.out_features)
+
+    fit.__doc__ = _FIT_DOC.format(y_doc="(n_samples, out_features) float targets ((n_samples,) when out_features == 1).",
+                                  score_doc="R^2", extra_doc="")
+
+    @torch.no_grad()
+    def _validation_metrics(self, X: Tensor, y: Tensor, class_weight: Optional[Tensor]) -> tuple[float, float]:
+        return float(self.loss(X, y)), self.score(X, y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -34,6 +34,12 @@ def test_linear_regression_crop_yields():
     # the fitted model predicts sensible yields for the new region (actual data: ~56 apples, ~70 oranges)
     apples, oranges = map(float, re.search(r"([\d.]+) t/ha apples, ([\d.]+) t/ha oranges", out).groups())
     assert 30 < apples < 90 and 40 < oranges < 110
+    # LinearRegression.score and the same training through fit() (the loop in C++)
+    r2 = float(re.search(r"R\^2 on all 15 regions: ([-\d.]+)", out).group(1))
+    assert 0.5 < r2 <= 1
+    epochs, last, r2_fit = re.search(r"fit\(\): (\d+) epochs, last epoch loss ([\d.]+), R\^2 ([-\d.]+)", out).groups()
+    assert int(epochs) == 40 and float(last) < 0.2 * losses[0]
+    assert abs(float(r2_fit) - r2) < 0.15
 
 
 def test_logistic_regression_digits():
@@ -44,6 +50,7 @@ def test_logistic_regression_digits():
     assert "trainable parameters: 650" in out and "trainable parameters now 640" in out
     assert "bias unchanged while frozen: True" in out
     val = [float(v) for v in re.findall(r"val loss ([\d.]+)", out)]
+    assert len(val) >= 10  # fit() reported every epoch through its callback
     best = float(re.search(r"best validation loss ([\d.]+)", out).group(1))
     assert best == pytest.approx(min(val), abs=2e-4)  # early stopping restored the best epoch
     assert val[-1] < val[0]

@@ -11,8 +11,15 @@
 // For scalar reductions the gradients are produced by the forward (3 GEMMs in total); for
 // reduction='none' the backward recomputes the logits with the per-row upstream gradient.
 // The GEMMs are ATen ops, so they run on MKL/oneDNN on CPU and cuBLAS (current stream) on CUDA.
+//
+// Few classes on CPU (V <= 64, float/double) skip the chunks: csrc/small/small_dense.h does
+// logits, softmax, loss and all gradients in one pass over the rows, where the fixed cost of
+// three GEMM calls and a row-pass dispatch would dominate. The autograd formula is the C++
+// kernel at the Autograd key at the bottom of this file: the Python API makes one call.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +28,9 @@
 #include <tuple>
 
 #include "lce/lce_math.h"
+#include "small/small_dense.h"
+#include "small/fused_linear_autograd.h"
+#include "small/small_parallel.h"
 
 namespace fastreg {
 namespace {
@@ -42,13 +52,36 @@ bool blas_friendly(const Tensor& m) {
   return m.dim() == 2 && (m.stride(1) == 1 || m.stride(0) == 1);
 }
 
-Problem prepare(const char* fn, const Tensor& input, const Tensor& weight, const Tensor& target,
-                const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight, int64_t ignore_index,
-                double label_smoothing, double softcap, double z_loss, int64_t chunk_size) {
-  TORCH_CHECK_VALUE(input.dim() == 2, fn, ": input must be (N, D) here (the Python API flattens (*, D)), got shape ",
+// Shapes, dtypes and devices of the operands; every message names the Python argument.
+void check_operands(const char* fn, const Tensor& input, const Tensor& weight, const Tensor& target,
+                    const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight) {
+  TORCH_CHECK_VALUE(input.dim() >= 1, fn, ": input must be a tensor of shape (*, in_features), got shape ",
                     input.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": linear_weight must be 2-D (num_classes, in_features), got shape ",
                     weight.sizes());
+  const auto lead = input.sizes().slice(0, input.dim() - 1);
+  TORCH_CHECK_VALUE(target.sizes() == lead, fn, ": target has shape ", target.sizes(), " but input has shape ",
+                    input.sizes(), "; expected target of shape ", lead);
+  TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && !at::isComplexType(target.scalar_type()), fn,
+                   ": target must hold class indices (int64 or int32), got ", target.scalar_type(),
+                   "; class-probability targets are not supported");
+  const auto dev = input.device();
+  auto same_device = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.device() == dev, fn, ": all tensors must be on one device, got ", name, " on ", t.device(),
+                      " and input on ", dev);
+  };
+  same_device(weight, "linear_weight");
+  same_device(target, "target");
+  if (bias) same_device(*bias, "linear_bias");
+  if (class_weight) same_device(*class_weight, "weight (class weights)");
+}
+
+Problem prepare(const char* fn, const Tensor& input_any, const Tensor& weight, const Tensor& target_any,
+                const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight, int64_t ignore_index,
+                double label_smoothing, double softcap, double z_loss, int64_t chunk_size) {
+  check_operands(fn, input_any, weight, target_any, bias, class_weight);
+  const Tensor input = input_any.dim() == 2 ? input_any : input_any.reshape({-1, input_any.size(-1)});
+  const Tensor target = target_any.dim() == 1 ? target_any : target_any.reshape({-1});
   TORCH_CHECK_VALUE(input.size(1) == weight.size(1), fn, ": input has ", input.size(1),
                     " features but linear_weight has shape ", weight.sizes(), " (expected (num_classes, ",
                     input.size(1), "))");
@@ -58,16 +91,9 @@ Problem prepare(const char* fn, const Tensor& input, const Tensor& weight, const
                    ": input must be float32, float64, bfloat16 or float16, got ", dt);
   TORCH_CHECK_TYPE(weight.scalar_type() == dt, fn, ": linear_weight dtype ", weight.scalar_type(),
                    " does not match input dtype ", dt);
-  TORCH_CHECK_VALUE(weight.device() == input.device(), fn, ": linear_weight is on ", weight.device(),
-                    " but input is on ", input.device());
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, fn,
                    ": target must hold class indices as int64 or int32, got ", target.scalar_type(),
                    " (class-probability targets are not supported)");
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), fn, ": target has shape ",
-                    target.sizes(), " but input has ", input.size(0), " rows (expected target of shape (",
-                    input.size(0), ",))");
-  TORCH_CHECK_VALUE(target.device() == input.device(), fn, ": target is on ", target.device(),
-                    " but input is on ", input.device());
   const int64_t V = weight.size(0);
   Problem p;
   p.N = input.size(0);
@@ -80,8 +106,6 @@ Problem prepare(const char* fn, const Tensor& input, const Tensor& weight, const
                       V, ",)");
     TORCH_CHECK_TYPE(b.scalar_type() == dt, fn, ": linear_bias dtype ", b.scalar_type(),
                      " does not match input dtype ", dt);
-    TORCH_CHECK_VALUE(b.device() == input.device(), fn, ": linear_bias is on ", b.device(), " but input is on ",
-                      input.device());
     p.bias = b;
   }
   if (class_weight.has_value()) {
@@ -90,8 +114,6 @@ Problem prepare(const char* fn, const Tensor& input, const Tensor& weight, const
                       " but expected (", V, ",)");
     TORCH_CHECK_TYPE(at::isFloatingType(c.scalar_type()), fn, ": weight (class weights) must be floating point, got ",
                      c.scalar_type());
-    TORCH_CHECK_VALUE(c.device() == input.device(), fn, ": weight (class weights) is on ", c.device(),
-                      " but input is on ", input.device());
     p.cw = c.to(p.acc).contiguous();
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, fn,
@@ -210,6 +232,73 @@ void finish_grads(const Problem& p, Grads& g) {
   if (g.bias.defined() && g.bias.scalar_type() != p.bias.scalar_type()) g.bias = g.bias.to(p.bias.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------- small path
+// Few classes, float/double on CPU, little work: one pass over the rows (csrc/small/small_dense.h).
+// Above ~2M multiply-adds the blocked GEMMs of the chunk path win (measured: 4096 x 256 x 32 runs
+// 2x faster there), below it their fixed costs dominate.
+constexpr int64_t kSmallPathMaxWork = int64_t(1) << 21;
+bool use_small_path(const Problem& p) {
+  const auto dt = p.x.scalar_type();
+  return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && p.V <= small::kSmallMaxV &&
+         p.N * p.D * p.V <= kSmallPathMaxWork;
+}
+
+// The small-path counterpart of run_chunks (same contract). Returns sum_i loss_i.
+template <typename T>
+double run_small(const Problem& p, int64_t ignore_index, double label_smoothing, double softcap, double z_loss,
+                 double scale, const Tensor& row_scale, bool write_grad, std::array<bool, 3> mask, T* loss_rows,
+                 Grads& g) {
+  const bool want_gi = write_grad && mask[0], want_gw = write_grad && mask[1],
+             want_gb = write_grad && mask[2] && p.bias.defined();
+  const Tensor x = p.x.stride(1) == 1 ? p.x : p.x.contiguous();
+  const Tensor w = p.w.is_contiguous() ? p.w : p.w.contiguous();
+  if (want_gi) g.input = at::empty({p.N, p.D}, p.x.options());
+  if (want_gw) g.weight = at::zeros({p.V, p.D}, p.w.options());
+  if (want_gb) g.bias = at::zeros({p.V}, p.w.options());
+  small::SmallCe<T> a;
+  a.n = p.N, a.D = p.D, a.V = p.V;
+  a.x = x.data_ptr<T>(), a.x_stride = x.stride(0);
+  a.w = w.data_ptr<T>();
+  a.b = p.bias.defined() ? p.bias.data_ptr<T>() : nullptr;
+  a.grad_x = want_gi ? g.input.data_ptr<T>() : nullptr, a.grad_x_stride = p.D;
+  a.grad_w = want_gw ? g.weight.data_ptr<T>() : nullptr;
+  a.grad_b = want_gb ? g.bias.data_ptr<T>() : nullptr;
+  a.target = p.target.data_ptr<int64_t>();
+  if (p.cw.defined()) {
+    a.class_weight = p.cw.data_ptr<T>();
+    double sum = 0;
+    for (int64_t c = 0; c < p.V; ++c) sum += a.class_weight[c];
+    a.class_weight_sum = T(sum);
+  }
+  a.ignore_index = ignore_index;
+  a.label_smoothing = T(label_smoothing), a.softcap = T(softcap), a.z_loss = T(z_loss);
+  a.scale = T(scale);
+  a.row_scale = row_scale.defined() ? row_scale.data_ptr<T>() : nullptr;
+  a.loss_rows = loss_rows;
+  if (p.N == 0) return 0.0;
+  return small::small_rows_parallel<T>(a, [](small::SmallCe<T> part, int64_t r0, int64_t r1) {
+    part.n = r1 - r0;
+    part.x += r0 * part.x_stride;
+    part.target += r0;
+    if (part.grad_x) part.grad_x += r0 * part.grad_x_stride;
+    if (part.row_scale) part.row_scale += r0;
+    if (part.loss_rows) part.loss_rows += r0;
+    return small::ce_small(part);
+  });
+}
+
+// 'mean' denominator of the small path (torch's: non-ignored rows, or their class weights).
+template <typename T>
+double small_mean_denominator(const Problem& p, int64_t ignore_index) {
+  small::SmallCe<T> a;
+  a.n = p.N, a.V = p.V;
+  a.target = p.target.data_ptr<int64_t>();
+  a.class_weight = p.cw.defined() ? p.cw.data_ptr<T>() : nullptr;
+  a.ignore_index = ignore_index;
+  return small::ce_small_denominator(a);
+}
+
+// -------------------------------------------------------------------------------------- ops
 std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
                                                        const std::optional<Tensor>& bias,
                                                        const std::optional<Tensor>& class_weight, int64_t reduction,
@@ -222,8 +311,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, cons
   const Problem p =
       prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
   const bool write_grad = reduction != kNone && (output_mask[0] || output_mask[1] || (output_mask[2] && bias));
-  const auto acc_opts = p.x.options().dtype(p.acc);
+  const auto lead = input.sizes().slice(0, input.dim() - 1);
+  auto grad_input_shaped = [&](const Tensor& gi) { return gi.dim() == input.dim() ? gi : gi.view(input.sizes()); };
 
+  if (use_small_path(p)) {
+    Grads g;
+    Tensor loss;
+    AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "fastreg_lce_small", [&] {
+      double scale = 1.0, denom = 1.0;
+      if (reduction == kMean) {
+        denom = small_mean_denominator<scalar_t>(p, ignore_index);
+        scale = 1.0 / denom;  // inf when every row is ignored: no row then has a gradient
+      }
+      if (reduction == kNone) {
+        loss = at::empty(lead, p.x.options());
+        run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, z_loss, 1.0, Tensor(), false, output_mask,
+                            loss.data_ptr<scalar_t>(), g);
+      } else {
+        const double total = run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, z_loss, scale, Tensor(),
+                                                 write_grad, output_mask, nullptr, g);
+        // 0 / 0 = nan when every row is ignored, like torch
+        loss = at::scalar_tensor(reduction == kSum ? total : total / denom, p.x.options());
+      }
+    });
+    return {loss, g.input.defined() ? grad_input_shaped(g.input) : empty_like_none(input),
+            g.weight.defined() ? g.weight : empty_like_none(weight),
+            g.bias.defined() ? g.bias : empty_like_none(weight)};
+  }
+
+  const auto acc_opts = p.x.options().dtype(p.acc);
   // Scale of each row's loss in the reduced loss: 1 for 'sum', 1/denominator for 'mean', where the
   // denominator is torch's: the number of non-ignored rows, or the sum of their class weights.
   Tensor denom, row_scale;
@@ -242,11 +358,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, cons
   finish_grads(p, g);
 
   Tensor loss;
-  if (reduction == kNone) loss = loss_rows;
+  if (reduction == kNone) loss = loss_rows.view(lead);
   else if (reduction == kSum) loss = loss_rows.sum();
   else loss = loss_rows.sum() / denom;  // 0 / 0 = nan when every row is ignored, like torch
   loss = loss.to(input.scalar_type());
-  return {loss, g.input.defined() ? g.input : empty_like_none(input),
+  return {loss, g.input.defined() ? grad_input_shaped(g.input) : empty_like_none(input),
           g.weight.defined() ? g.weight : empty_like_none(weight),
           g.bias.defined() ? g.bias : empty_like_none(weight)};
 }
@@ -261,14 +377,106 @@ std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const T
       prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
   TORCH_CHECK_VALUE(grad_loss.numel() == p.N, fn, ": grad_loss has ", grad_loss.numel(), " elements, expected ", p.N);
   const Tensor row_scale = grad_loss.reshape({p.N}).to(p.acc).contiguous();
-  Tensor loss_rows = at::empty({p.N}, p.x.options().dtype(p.acc));
   Grads g;
-  run_chunks(p, ignore_index, label_smoothing, softcap, z_loss, chunk_size, row_scale, true, output_mask, loss_rows,
-             g);
-  finish_grads(p, g);
-  return {g.input.defined() ? g.input : empty_like_none(input),
+  if (use_small_path(p)) {
+    AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "fastreg_lce_small_backward", [&] {
+      run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, z_loss, 1.0, row_scale, true, output_mask,
+                          nullptr, g);
+    });
+  } else {
+    Tensor loss_rows = at::empty({p.N}, p.x.options().dtype(p.acc));
+    run_chunks(p, ignore_index, label_smoothing, softcap, z_loss, chunk_size, row_scale, true, output_mask, loss_rows,
+               g);
+    finish_grads(p, g);
+  }
+  return {g.input.defined() ? g.input.view(input.sizes()) : empty_like_none(input),
           g.weight.defined() ? g.weight : empty_like_none(weight),
           g.bias.defined() ? g.bias : empty_like_none(weight)};
+}
+
+// -------------------------------------------------------------------------------- autograd
+// The autograd formula, in C++ so a training step crosses from Python into C++ once per
+// direction. For scalar reductions the forward already produced the gradients for a unit
+// upstream gradient (the backward scales them); for 'none' the backward op recomputes the logits
+// with each row's upstream gradient.
+
+class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
+                                                const Tensor& weight, const Tensor& target,
+                                                const std::optional<Tensor>& bias,
+                                                const std::optional<Tensor>& class_weight, int64_t reduction,
+                                                int64_t ignore_index, double label_smoothing, double softcap,
+                                                double z_loss, int64_t chunk_size, std::array<bool, 3> output_mask) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastreg::linear_cross_entropy", "")
+                         .typed<decltype(lce_forward)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, gi, gw, gb] = op.call(input, weight, target, bias, class_weight, reduction, ignore_index,
+                                      label_smoothing, softcap, z_loss, chunk_size, output_mask);
+    ctx->mark_non_differentiable({gi, gw, gb});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    if (reduction == kNone) {
+      ctx->save_for_backward({input, weight, target, bias.value_or(Tensor()), class_weight.value_or(Tensor())});
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+      ctx->saved_data["softcap"] = softcap;
+      ctx->saved_data["z_loss"] = z_loss;
+      ctx->saved_data["chunk_size"] = chunk_size;
+    } else {
+      ctx->save_for_backward({gi, gw, gb});
+    }
+    return {loss, gi, gw, gb};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(12);
+    const Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return out;  // only the loss carries a gradient
+    check_not_double_backward(grad_loss, "fastreg.linear_cross_entropy", "F.cross_entropy(F.linear(...))");
+    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1),
+               need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+    const auto saved = ctx->get_saved_variables();
+    if (ctx->saved_data["reduction"].toInt() == kNone) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("fastreg::linear_cross_entropy_backward", "")
+                           .typed<decltype(lce_backward)>();
+      auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+      auto [gi, gw, gb] =
+          op.call(grad_loss, saved[0], saved[1], saved[2], opt(saved[3]), opt(saved[4]),
+                  ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
+                  ctx->saved_data["softcap"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
+                  ctx->saved_data["chunk_size"].toInt(), {need_input, need_weight, need_bias});
+      if (need_input) out[0] = gi;
+      if (need_weight) out[1] = gw;
+      if (need_bias) out[3] = gb;
+    } else {
+      scale_saved_grads(saved, grad_loss, need_input, need_weight, need_bias, out);
+    }
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lce_autograd(const Tensor& input, const Tensor& weight,
+                                                        const Tensor& target, const std::optional<Tensor>& bias,
+                                                        const std::optional<Tensor>& class_weight, int64_t reduction,
+                                                        int64_t ignore_index, double label_smoothing, double softcap,
+                                                        double z_loss, int64_t chunk_size,
+                                                        std::array<bool, 3> output_mask) {
+  static const char* fn = "fastreg.linear_cross_entropy";
+  // Checked before any dispatch, so a tensor on another device (or on meta) is reported as such.
+  check_operands(fn, input, weight, target, bias, class_weight);
+  const bool grad_mode = at::GradMode::is_enabled();
+  TORCH_CHECK(!(grad_mode && class_weight && class_weight->requires_grad()), fn,
+              " is not differentiable with respect to argument 'weight' (the class weights), like F.cross_entropy: "
+              "pass weight.detach()");
+  output_mask = mask_for_autograd(output_mask, input, weight, bias);
+  auto outs = LinearCrossEntropyFunction::apply(input, weight, target, bias, class_weight, reduction, ignore_index,
+                                                label_smoothing, softcap, z_loss, chunk_size, output_mask);
+  return {outs[0], outs[1], outs[2], outs[3]};
 }
 
 }  // namespace
@@ -283,5 +491,6 @@ TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
   m.impl("linear_cross_entropy", &lce_forward);
   m.impl("linear_cross_entropy_backward", &lce_backward);
 }
+TORCH_LIBRARY_IMPL(fastreg, Autograd, m) { m.impl("linear_cross_entropy", &lce_autograd); }
 
 }  // namespace fastreg

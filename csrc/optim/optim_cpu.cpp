@@ -23,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <vector>
+#include "fit/optim_spans.h"
 #include "optim/optim_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -204,6 +205,22 @@ FASTREG_CLONES void sgd_span(double* p, const double* g, double* buf, int64_t n,
   } else {
     sgd_loop<false>(p, g, buf, n, first, h);
   }
+}
+
+// ---- entry points for fit() (declared in csrc/fit/optim_spans.h) -----------------------------
+void adam_span_for_fit(float* p, const float* g, float* m, float* v, float* vmax, int64_t n,
+                       const AdamHyper<float>& h, const AdamStepScalars<float>& s) {
+  adam_span(p, g, m, v, vmax, n, h, s);
+}
+void adam_span_for_fit(double* p, const double* g, double* m, double* v, double* vmax, int64_t n,
+                       const AdamHyper<double>& h, const AdamStepScalars<double>& s) {
+  adam_span(p, g, m, v, vmax, n, h, s);
+}
+void sgd_span_for_fit(float* p, const float* g, float* buf, int64_t n, bool first, const SgdHyper<float>& h) {
+  sgd_span(p, g, buf, n, first, h);
+}
+void sgd_span_for_fit(double* p, const double* g, double* buf, int64_t n, bool first, const SgdHyper<double>& h) {
+  sgd_span(p, g, buf, n, first, h);
 }
 
 // bf16 / fp16: stage kStage elements at a time in float buffers, run the fp32 loop, round back.
