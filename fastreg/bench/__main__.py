@@ -3,6 +3,7 @@
     python -m fastreg.bench                      # loss + optimizer sweeps sized for the device
     python -m fastreg.bench --ops lce --sizes 4096x1024x32000 --providers fastreg,eager,floor
     python -m fastreg.bench --ops optim --optimizers adam --sizes 100x400000 5000x1000
+    python -m fastreg.bench --ops small          # small models: fused loss and training-step latency
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
 
@@ -39,7 +40,7 @@ def _csv_list(text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastreg.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", choices=["lce", "optim", "all"], default="all", help="what to benchmark (default all)")
+    p.add_argument("--ops", choices=["lce", "optim", "small", "all"], default="all", help="what to benchmark (default all)")
     p.add_argument("--providers", type=_csv_list, default=None,
                    help="comma list; loss: " + ",".join(lce.ALL_NAMES) + "; optimizers: " + ",".join(optim.PROVIDERS)
                    + " ('wrong' is a self-test canary that must come out WRONG). Default: all but 'wrong'")
@@ -136,6 +137,10 @@ def main(argv=None) -> int:
         written.append(os.path.join(args.out, "lce.csv"))
     if run_optim and args.optim_providers and optim.run(args, prov, args.out, args.progress):
         written.append(os.path.join(args.out, "optim.csv"))
+    if args.ops in ("small", "all") and not (args.lce_sizes or args.optim_sizes):
+        from . import small
+        if small.run(args, prov, args.out, args.progress):
+            written.append(os.path.join(args.out, "small.csv"))
     print("\nresults appended to " + (", ".join(written) if written else "nothing (no sizes/providers selected)"))
     return 0
 
