@@ -153,6 +153,12 @@ def test_backward_twice_and_double_backward_refused():
     torch.testing.assert_close(g2, g1 * 1.5)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
+    # a unit upstream gradient is handed on unscaled: .grad must not alias the saved gradient
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad.mul_(5.0)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 6.0 * first)
 
 
 def test_no_grad_computes_no_gradients():
