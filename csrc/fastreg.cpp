@@ -4,6 +4,7 @@
 //   linear_cross_entropy                 csrc/lce/lce.cpp (driver)  same driver + _lce_rows     fastreg/functional.py
 //     (autograd: C++ kernel at the Autograd key in csrc/lce/lce.cpp; V <= 64 on CPU: csrc/small/small_dense.h)
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
+//   _lce_loss, _mse_loss (loss only)    composite kernels next to the autograd kernels              fastreg/functional.py
 //   linear_mse_loss (+ _backward)        csrc/mse/mse.cpp           same (ATen GEMMs)           fastreg/functional.py
 //     (autograd: C++ kernel at the Autograd key in csrc/mse/mse.cpp; V <= 64 on CPU: csrc/small/small_dense.h)
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
@@ -27,6 +28,11 @@ TORCH_LIBRARY(fastreg, m) {
       "linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "int reduction, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
       "bool[3] output_mask) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The loss alone (composite over linear_cross_entropy): what the Python API calls, so one call
+  // returns one tensor to Python.
+  m.def(
+      "_lce_loss(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, int reduction, "
+      "int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size) -> Tensor");
   // Gradients for reduction='none' given the per-row upstream gradient grad_loss (N,): recomputes
   // the logits chunk by chunk.
   m.def(
@@ -63,6 +69,8 @@ TORCH_LIBRARY(fastreg, m) {
   m.def(
       "linear_mse_loss(Tensor input, Tensor weight, Tensor target, Tensor? bias, int reduction, bool[3] output_mask) "
       "-> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The loss alone (composite over linear_mse_loss), as _lce_loss.
+  m.def("_mse_loss(Tensor input, Tensor weight, Tensor target, Tensor? bias, int reduction) -> Tensor");
   // Gradients for reduction='none' given the per-element upstream gradient grad_loss (*, V).
   m.def(
       "linear_mse_loss_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "

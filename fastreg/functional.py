@@ -78,9 +78,10 @@ def _lce_rows_fake(logits, target, class_weight, row_scale, ignore_index, label_
 # The autograd formulas of fastreg::linear_cross_entropy and fastreg::linear_mse_loss are C++ kernels at the Autograd key
 # (csrc/lce/lce.cpp, csrc/mse/mse.cpp): one call from Python does validation, forward and the
 # gradients of scalar reductions. They refuse double backward (create_graph=True) with a clear error.
-_lce_op = torch.ops.fastreg.linear_cross_entropy.default
-_mse_op = torch.ops.fastreg.linear_mse_loss.default
-_NO_MASK = [False, False, False]  # the Autograd kernel adds the gradients autograd needs
+# The loss-only composites (_lce_loss, _mse_loss) return one tensor to Python; the Autograd
+# kernels add to their empty output_mask the gradients that autograd needs.
+_lce_loss = torch.ops.fastreg._lce_loss.default
+_mse_loss = torch.ops.fastreg._mse_loss.default
 
 
 # --------------------------------------------------------------------------- public API
@@ -129,9 +130,9 @@ def linear_cross_entropy(
         raise ValueError(f"fastreg.linear_cross_entropy: chunk_size must be a positive number of rows or None, "
                          f"got {chunk_size}")
     # Shapes, dtypes, devices and targets are checked in C++, in this one call.
-    return _lce_op(input, linear_weight, target, linear_bias, weight, red,
-                   -100 if ignore_index is None else ignore_index,  # None: torch's F.linear_cross_entropy default
-                   label_smoothing, softcap or 0.0, z_loss, chunk_size or 0, _NO_MASK)[0]
+    return _lce_loss(input, linear_weight, target, linear_bias, weight, red,
+                     -100 if ignore_index is None else ignore_index,  # None: torch's F.linear_cross_entropy default
+                     label_smoothing, softcap or 0.0, z_loss, chunk_size or 0)
 
 
 def linear_mse_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
@@ -154,4 +155,4 @@ def linear_mse_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, lin
     red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if red is None:
         raise ValueError(f"fastreg.linear_mse_loss: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    return _mse_op(input, linear_weight, target, linear_bias, red, _NO_MASK)[0]
+    return _mse_loss(input, linear_weight, target, linear_bias, red)

@@ -357,3 +357,18 @@ def test_class_weights_requiring_grad_are_refused():
     case["weight"].requires_grad_()
     with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
         fastreg.linear_cross_entropy(**case)
+
+
+def test_unit_upstream_gradient_is_not_aliased_into_grad():
+    """loss.backward() hands the forward's gradients to autograd without scaling them; with
+    retain_graph an in-place change of .grad must not reach the graph's saved gradients."""
+    case = make(6, 3, 7, dtype=torch.float32, bias=True)
+    x, w, b = (case[k].requires_grad_() for k in ("input", "linear_weight", "linear_bias"))
+    loss = fastreg.linear_cross_entropy(x, w, case["target"], linear_bias=b)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in (x, w, b)]
+    for p in (x, w, b):
+        p.grad.mul_(5.0)
+    loss.backward()
+    for p, g in zip((x, w, b), first):
+        torch.testing.assert_close(p.grad, 6.0 * g)

@@ -89,7 +89,7 @@ def test_large_work_runs_in_parallel_blocks_and_chunks():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("V", [4, 70], ids=["small", "chunked"])
 def test_gradcheck(device, reduction, V):
-    case = make(7, 5, V, device=device)
+    case = make(5, 3, V, device=device)
     x, w, b = (case[k].detach().requires_grad_() for k in ("input", "linear_weight", "linear_bias"))
 
     def f(x, w, b):
@@ -153,6 +153,12 @@ def test_backward_twice_and_double_backward_refused():
     torch.testing.assert_close(g2, g1 * 1.5)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
+    # a unit upstream gradient is handed on unscaled: .grad must not alias the saved gradient
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad.mul_(5.0)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 6.0 * first)
 
 
 def test_no_grad_computes_no_gradients():

@@ -479,8 +479,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_autograd(const Tensor& input, con
   return {outs[0], outs[1], outs[2], outs[3]};
 }
 
+Tensor lce_loss(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+                const std::optional<Tensor>& class_weight, int64_t reduction, int64_t ignore_index,
+                double label_smoothing, double softcap, double z_loss, int64_t chunk_size) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastreg::linear_cross_entropy", "")
+                       .typed<decltype(lce_forward)>();
+  return std::get<0>(op.call(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing,
+                             softcap, z_loss, chunk_size, {false, false, false}));
+}
+
 }  // namespace
 
+TORCH_LIBRARY_IMPL(fastreg, CompositeImplicitAutograd, m) { m.impl("_lce_loss", &lce_loss); }
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
   m.impl("linear_cross_entropy", &lce_forward);
   m.impl("linear_cross_entropy_backward", &lce_backward);

@@ -301,8 +301,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mse_autograd(const Tensor& input, con
   return {outs[0], outs[1], outs[2], outs[3]};
 }
 
+Tensor mse_loss(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+                int64_t reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastreg::linear_mse_loss", "")
+                       .typed<decltype(mse_forward)>();
+  return std::get<0>(op.call(input, weight, target, bias, reduction, {false, false, false}));
+}
+
 }  // namespace
 
+TORCH_LIBRARY_IMPL(fastreg, CompositeImplicitAutograd, m) { m.impl("_mse_loss", &mse_loss); }
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
   m.impl("linear_mse_loss", &mse_forward);
   m.impl("linear_mse_loss_backward", &mse_backward);

@@ -28,11 +28,30 @@ inline std::array<bool, 3> mask_for_autograd(std::array<bool, 3> mask, const at:
   return mask;
 }
 
+// True for the common `loss.backward()`: a plain CPU scalar upstream gradient equal to 1 (read
+// from host memory, so no device sync; never while tracing).
+inline bool is_unit_cpu_scalar(const at::Tensor& g) {
+  if (!g.is_cpu() || g.layout() != c10::kStrided || g.numel() != 1 || is_traced(g) || g.is_neg()) return false;
+  switch (g.scalar_type()) {
+    case at::kFloat: return *g.const_data_ptr<float>() == 1.0f;
+    case at::kDouble: return *g.const_data_ptr<double>() == 1.0;
+    default: return false;
+  }
+}
+
 // Backward of a scalar reduction: the saved unit-upstream gradients (input, weight, bias) times
-// grad_loss into out[0], out[1], out[3] (the argument positions of input, weight and bias). Out of
-// place, so backward may run more than once over the graph (retain_graph).
+// grad_loss into out[0], out[1], out[3] (the argument positions of input, weight and bias).
+// A unit upstream gradient hands the saved tensors on as they are: autograd's AccumulateGrad
+// adopts one only when nothing else refers to it (the graph was freed), and copies it otherwise
+// (retain_graph), so a later backward still sees them intact. Anything else is scaled out of place.
 inline void scale_saved_grads(const torch::autograd::variable_list& saved, const at::Tensor& grad_loss,
                               bool need_input, bool need_weight, bool need_bias, torch::autograd::variable_list& out) {
+  if (is_unit_cpu_scalar(grad_loss)) {
+    if (need_input) out[0] = saved[0];
+    if (need_weight) out[1] = saved[1];
+    if (need_bias) out[3] = saved[2];
+    return;
+  }
   if (need_input) out[0] = saved[0] * grad_loss;
   if (need_weight) out[1] = saved[1] * grad_loss;
   if (need_bias) out[3] = saved[2] * grad_loss;

@@ -4,6 +4,7 @@
     python -m fastreg.bench --ops lce --sizes 4096x1024x32000 --providers fastreg,eager,floor
     python -m fastreg.bench --ops optim --optimizers adam --sizes 100x400000 5000x1000
     python -m fastreg.bench --ops fit            # whole fits of the small models vs torch and sklearn
+    python -m fastreg.bench --ops small          # small models: fused loss and training-step latency
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
     torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed   # vocab-parallel loss (fastreg/bench/distributed.py)
@@ -41,8 +42,9 @@ def _csv_list(text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastreg.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", choices=["lce", "optim", "fit", "all"], default="all",
-                   help="what to benchmark (default all; fit: whole fits, CPU, not with --sizes)")
+    p.add_argument("--ops", choices=["lce", "optim", "small", "fit", "all"], default="all",
+                   help="what to benchmark (default all; small: per-step latency of the small models; "
+                        "fit: whole fits, CPU, not with --sizes)")
     p.add_argument("--providers", type=_csv_list, default=None,
                    help="comma list; loss: " + ",".join(lce.ALL_NAMES) + "; optimizers: " + ",".join(optim.PROVIDERS)
                    + " ('wrong' is a self-test canary that must come out WRONG). Default: all but 'wrong'")
@@ -144,6 +146,10 @@ def main(argv=None) -> int:
         written.append(os.path.join(args.out, "lce.csv"))
     if run_optim and args.optim_providers and optim.run(args, prov, args.out, args.progress):
         written.append(os.path.join(args.out, "optim.csv"))
+    if args.ops in ("small", "all") and not (args.lce_sizes or args.optim_sizes):
+        from . import small
+        if small.run(args, prov, args.out, args.progress):
+            written.append(os.path.join(args.out, "small.csv"))
     # whole fits: fixed problems and providers, so not with explicit --sizes / --providers
     run_fit = args.ops == "fit" or (args.ops == "all" and args.providers is None and not args.sizes)
     if run_fit and args.device == "cpu" and fit.run(args, prov, args.out, args.progress):
