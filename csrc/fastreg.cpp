@@ -5,11 +5,14 @@
 //   linear_cross_entropy_backward        csrc/lce/lce.cpp           same                        (autograd, reduction='none')
 //   _lce_rows (fused per-row pass)       csrc/lce/lce_cpu.cpp       csrc/cuda/lce_rows.cu
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
+//   _cpu_code_path (CPU ISA picked)      csrc/optim/optim_cpu.cpp   -                           fastreg/bench/common.py
 //
 // The module `fastreg._C` itself is empty: importing it loads this library, whose static
 // initialisers register the operators with the dispatcher.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastreg operators (see torch.ops.fastreg)", -1,
@@ -18,6 +21,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastreg, m) {
+  // Which CPU code the kernels run (x86-64 ISA clone or aarch64 NEON; "-serial" without OpenMP).
+  m.def("_cpu_code_path() -> str", &fastreg::cpu_code_path);
   // ---- fused linear -> softmax -> cross-entropy ---------------------------------------------
   // input (N, D), weight (V, D), target (N,) int64/int32, bias (V,), class_weight (V,).
   // reduction: 0 none, 1 mean, 2 sum. softcap <= 0 means off. output_mask: which of
