@@ -78,13 +78,15 @@ FASTREG_INLINE void storeu(T* ptr, V x) {
 
 struct ScalarSqrt {
   template <typename T>
-  static T apply(T x) {
-    return optim::math_sqrt(x);
+  static void apply(T& x) {
+    x = optim::math_sqrt(x);
   }
 };
 
-// Adam over n elements: SIMD vectors of type V (lanes of T) with Sqrt::apply(V), then the scalar
-// rule for the remaining n % lanes elements.
+// Adam over n elements: SIMD vectors of type V (lanes of T) with Sqrt::apply(V&) (in place: a vector
+// passed by value to a function with a wider target than its caller is an ABI change clang refuses;
+// `flatten` inlines it all into the per-ISA entry points anyway), then the scalar rule for the
+// remaining n % lanes elements.
 template <bool AMSGRAD, typename V, typename Sqrt, typename T>
 inline void adam_loop(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                               T* __restrict vmax, int64_t n, const AdamHyper<T> h, const AdamStepScalars<T> s) {
@@ -94,7 +96,9 @@ inline void adam_loop(T* __restrict p, const T* __restrict g, T* __restrict m, T
     V pi = loadu<V>(p + i), mi = loadu<V>(m + i), vi = loadu<V>(v + i);
     V vmi = AMSGRAD ? loadu<V>(vmax + i) : V{};
     const V second = optim::adam_moments<AMSGRAD>(pi, loadu<V>(g + i), mi, vi, vmi, h);
-    storeu(p + i, optim::adam_apply(pi, mi, Sqrt::apply(second), h, s));
+    V root = second;
+    Sqrt::apply(root);
+    storeu(p + i, optim::adam_apply(pi, mi, root, h, s));
     storeu(m + i, mi);
     storeu(v + i, vi);
     if (AMSGRAD) storeu(vmax + i, vmi);
@@ -142,16 +146,16 @@ typedef double vd2 __attribute__((vector_size(16)));
 #define FASTREG_AVX512 __attribute__((target("avx512f")))
 #define FASTREG_AVX2 __attribute__((target("avx2")))
 struct Avx512Sqrt {  // (the maskz form: the plain one starts from an "undefined" vector GCC warns about)
-  FASTREG_AVX512 static inline vf16 apply(vf16 x) { return (vf16)_mm512_maskz_sqrt_ps(0xFFFF, (__m512)x); }
-  FASTREG_AVX512 static inline vd8 apply(vd8 x) { return (vd8)_mm512_maskz_sqrt_pd(0xFF, (__m512d)x); }
+  FASTREG_AVX512 static inline void apply(vf16& x) { x = (vf16)_mm512_maskz_sqrt_ps(0xFFFF, (__m512)x); }
+  FASTREG_AVX512 static inline void apply(vd8& x) { x = (vd8)_mm512_maskz_sqrt_pd(0xFF, (__m512d)x); }
 };
 struct Avx2Sqrt {
-  FASTREG_AVX2 static inline vf8 apply(vf8 x) { return (vf8)_mm256_sqrt_ps((__m256)x); }
-  FASTREG_AVX2 static inline vd4 apply(vd4 x) { return (vd4)_mm256_sqrt_pd((__m256d)x); }
+  FASTREG_AVX2 static inline void apply(vf8& x) { x = (vf8)_mm256_sqrt_ps((__m256)x); }
+  FASTREG_AVX2 static inline void apply(vd4& x) { x = (vd4)_mm256_sqrt_pd((__m256d)x); }
 };
 struct Sse2Sqrt {  // SSE2 is part of x86-64 itself
-  static inline vf4 apply(vf4 x) { return (vf4)_mm_sqrt_ps((__m128)x); }
-  static inline vd2 apply(vd2 x) { return (vd2)_mm_sqrt_pd((__m128d)x); }
+  static inline void apply(vf4& x) { x = (vf4)_mm_sqrt_ps((__m128)x); }
+  static inline void apply(vd2& x) { x = (vd2)_mm_sqrt_pd((__m128d)x); }
 };
 
 FASTREG_ADAM_ISA(adam_avx512, FASTREG_AVX512, vf16, vd8, Avx512Sqrt)
@@ -181,8 +185,8 @@ const AdamSpanFn<double> adam_f64 = pick_adam_span<double>(adam_avx512_f64, adam
 typedef float vf4 __attribute__((vector_size(16)));
 typedef double vd2 __attribute__((vector_size(16)));
 struct NeonSqrt {
-  static inline vf4 apply(vf4 x) { return (vf4)vsqrtq_f32((float32x4_t)x); }
-  static inline vd2 apply(vd2 x) { return (vd2)vsqrtq_f64((float64x2_t)x); }
+  static inline void apply(vf4& x) { x = (vf4)vsqrtq_f32((float32x4_t)x); }
+  static inline void apply(vd2& x) { x = (vd2)vsqrtq_f64((float64x2_t)x); }
 };
 FASTREG_ADAM_ISA(adam_neon, , vf4, vd2, NeonSqrt)
 const AdamSpanFn<float> adam_f32 = adam_neon_f32;
