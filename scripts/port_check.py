@@ -47,8 +47,6 @@ def compile_flags(setup_mod, openmp: bool, clang: bool) -> list[str]:
     import torch.utils.cpp_extension as cpp_ext
 
     flags = list(setup_mod.CXX_FLAGS) + (["-fopenmp"] if openmp else [])
-    if clang:
-        flags = [f for f in flags if f != "-Wno-psabi"]  # a GCC-only warning
     flags += ["-fPIC", "-DNDEBUG", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
     flags += ["-I" + p for p in cpp_ext.include_paths()]
     flags += ["-I" + os.path.join(ROOT, "csrc"), "-I" + sysconfig.get_paths()["include"]]
