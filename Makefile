@@ -4,12 +4,12 @@ VENV ?= .venv
 VPY  := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: build test bench cuda-check gpu-check gpu-wheels clean
+.PHONY: build test bench cuda-check port-check test-aarch64 gpu-check gpu-wheels clean
 
 build:
 	./scripts/bootstrap.sh
 
-test: build cuda-check
+test: build cuda-check port-check
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: build
@@ -19,6 +19,20 @@ bench: build
 # (no GPU needed). Skips with a message when nvcc is absent.
 cuda-check: build
 	$(VPY) scripts/cuda_check.py
+
+# Compile every C++ source for Linux aarch64 (Debian's cross GCC, with OpenMP) and with clang for
+# x86-64 and aarch64 (without OpenMP, as Apple clang), against the installed torch headers.
+# Installs the compilers when missing (root + apt-get), else skips them with a message.
+port-check: build
+	./scripts/port_tools.sh
+	$(VPY) scripts/port_check.py
+
+# The CPU tests (a subset covering both ops, every dtype and option) on aarch64 under qemu-user:
+# cross-built extension, Debian's arm64 python3.11 and torch's aarch64 wheel in .aarch64/ (~3 GB,
+# git-ignored; downloaded once). Not part of `make test` (see README, "Platforms").
+test-aarch64: build
+	./scripts/port_tools.sh --qemu
+	./scripts/test_aarch64.sh
 
 # On the GPU box: build with CUDA, run the tests and the GPU benchmarks, logs + results to $$OUT.
 gpu-check:

@@ -5,10 +5,26 @@ Environment switches:
   FASTREG_FORCE_CUDA=1     compile them even if torch.version.cuda is None
   FASTREG_CUDA_ARCHS       ';'-separated compute capabilities, default "80;90" (+PTX of the last)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
+  FASTREG_OPENMP           "auto" (default): use OpenMP when the compiler has it (on macOS: libomp,
+                           see openmp_flags); "0": build without it (the CPU kernels then run on one
+                           thread); "1": require it
+
+Platforms: Linux x86-64 and aarch64 (GCC or clang), macOS arm64/x86-64 (Apple clang, with or
+without libomp). Windows/MSVC is not supported (the kernels use GCC/clang vector extensions and
+attributes that MSVC lacks): setup fails at once there; use WSL2.
 """
 import ast
 import glob
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+if sys.platform == "win32":
+    sys.exit("fastreg does not support Windows/MSVC: its C++ kernels use GCC/clang vector extensions and "
+             "attributes that MSVC does not have. Use Linux (WSL2 on Windows) or macOS.")
 
 from setuptools import find_packages, setup
 
@@ -60,7 +76,67 @@ NVCC_FLAGS = [
     "--expt-relaxed-constexpr",
     "-lineinfo",
 ]
-CXX_FLAGS = ["-O3", "-std=c++20", "-Wno-psabi", "-fopenmp", "-fopenmp-simd", "-fvisibility=hidden"]
+# The OpenMP flags (openmp_flags()) come on top; `omp simd` loops need only -fopenmp-simd, which
+# every GCC and clang (Apple's too) has, with or without an OpenMP runtime.
+CXX_FLAGS = ["-O3", "-std=c++20", "-Wno-psabi", "-fopenmp-simd", "-fvisibility=hidden"]
+
+
+def _compiles(cxx: str, flags: list[str], ldflags: list[str]) -> bool:
+    """True if `cxx` compiles and links a small OpenMP program with these flags."""
+    src = "#include <omp.h>\nint main() { int n = 0;\n#pragma omp parallel reduction(+: n)\n n += 1;\n return n > 0 ? 0 : 1; }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "omp_probe.cpp")
+        with open(path, "w") as f:
+            f.write(src)
+        try:
+            proc = subprocess.run([*cxx.split(), *flags, path, "-o", os.path.join(tmp, "a.out"), *ldflags],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return proc.returncode == 0
+
+
+def openmp_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for OpenMP, or ([], []) when the build goes without it.
+
+    OpenMP is what at::parallel_for (ATen/Parallel.h, inlined into the kernels) runs on: without
+    it the CPU row pass and optimizer steps run on one thread (torch's own ops stay parallel).
+    Linux: -fopenmp (GCC's libgomp, or clang's libomp where installed). macOS: Apple clang has no
+    -fopenmp; with libomp present (torch's wheel ships libomp.dylib; the headers come from
+    `brew install libomp`) it is -Xpreprocessor -fopenmp against torch's own libomp, so the process
+    holds one OpenMP runtime.
+    """
+    mode = os.environ.get("FASTREG_OPENMP", "auto").lower()
+    if mode in ("0", "off", "no", "false"):
+        return [], []
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    if sys.platform == "darwin":
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        prefixes = [os.environ.get("LIBOMP_PREFIX"), "/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+        brew = shutil.which("brew")
+        if brew:
+            out = subprocess.run([brew, "--prefix", "libomp"], capture_output=True, text=True)
+            prefixes.insert(1, out.stdout.strip() if out.returncode == 0 else None)
+        candidates = []
+        for prefix in filter(None, prefixes):
+            if os.path.isfile(os.path.join(prefix, "include", "omp.h")):
+                inc = ["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(prefix, "include")]
+                if os.path.exists(os.path.join(torch_lib, "libomp.dylib")):
+                    candidates.append((inc, ["-L" + torch_lib, "-lomp", "-Wl,-rpath," + torch_lib]))
+                candidates.append((inc, ["-L" + os.path.join(prefix, "lib"), "-lomp"]))
+    else:
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+    for cflags, ldflags in candidates:
+        if _compiles(cxx, cflags, ldflags):
+            return cflags, ldflags
+    msg = (f"fastreg: {cxx} has no usable OpenMP; building without it (the CPU row pass and optimizer steps will "
+           "run on one thread)." + (" On macOS: `brew install libomp`, then rebuild." if sys.platform == "darwin" else ""))
+    if mode in ("1", "on", "yes", "true"):
+        sys.exit(msg.replace("building without it", "FASTREG_OPENMP=1 requires it"))
+    print(msg, file=sys.stderr)
+    return [], []
+
+
 EXTENSION_NAME = "fastreg._C"
 
 
@@ -85,6 +161,8 @@ def extensions():
     cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
+    omp_cflags, omp_ldflags = openmp_flags()
+    cxx_flags = CXX_FLAGS + omp_cflags
     if _want_cuda():
         return [
             CUDAExtension(
@@ -92,8 +170,8 @@ def extensions():
                 cpp + cu,
                 include_dirs=include_dirs,
                 define_macros=cuda_defines(),
-                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + cuda_gencode_flags()},
-                extra_link_args=["-fopenmp"],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS + cuda_gencode_flags()},
+                extra_link_args=omp_ldflags,
             )
         ]
     return [
@@ -103,8 +181,8 @@ def extensions():
             include_dirs=include_dirs,
             # build facts for csrc/module.cpp (no quotes or commas: it stringifies them, nvcc splits at commas)
             define_macros=[("FASTREG_VERSION", fastreg_version())],
-            extra_compile_args={"cxx": CXX_FLAGS},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=omp_ldflags,
         )
     ]
 

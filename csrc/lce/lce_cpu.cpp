@@ -4,9 +4,10 @@
 //   1. softcap (optional, in place): z = cap * tanh(a / cap); max; sum_c w_c z_c (label smoothing)
 //   2. sum_c exp(z_c - max)                        -> lse, the row loss (lce_math.h)
 //   3. gradient written in place: (A p_c - B w_c) * softcap'(z_c), then the target entry -= C.
-// float rows run on explicit 16-lane vectors (GCC vector extensions) compiled three times via
-// target_clones (AVX-512, AVX2, baseline) and picked at load time; bf16/fp16 rows are converted
-// to a float scratch row; double rows (gradcheck) use scalar libm maths.
+// float rows run on explicit 16-lane vectors (GCC/clang vector extensions), on x86-64 compiled
+// three times via target_clones (AVX-512, AVX2, baseline) and picked at load time, on aarch64
+// compiled to NEON (common.h); bf16/fp16 rows are converted to a float scratch row; double rows
+// (gradcheck) use scalar libm maths.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -21,7 +22,7 @@
 
 #include "lce/lce_math.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__)
 #include <xmmintrin.h>
 #endif
 
@@ -162,8 +163,7 @@ FR_INLINE float row_pass_f32(float* z, const RowArgs& a) {
   return loss;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float row_pass_f32_dispatch(float* z, const RowArgs& a) {
+FASTREG_CPU_CLONES float row_pass_f32_dispatch(float* z, const RowArgs& a) {
   const bool cap = a.softcap > 0.0f, w8 = a.cw != nullptr;
   if (cap) return w8 ? row_pass_f32<true, true>(z, a) : row_pass_f32<true, false>(z, a);
   return w8 ? row_pass_f32<false, true>(z, a) : row_pass_f32<false, false>(z, a);
@@ -203,18 +203,32 @@ void from_float(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// Flush denormals to zero (FTZ|DAZ) while a row pass runs on this thread, then restore the caller's
-// mode. Wide logit ranges make many p_c and gradient entries tiny; as denormals they would slow
-// this pass and the gradient GEMMs that read them many-fold, and at ~1e-38 they carry no
-// information at fp32 precision.
+// Flush denormals to zero while a row pass runs on this thread, then restore the caller's mode:
+// MXCSR FTZ|DAZ on x86-64, FPCR.FZ on aarch64 (which flushes denormal inputs and results alike).
+// Wide logit ranges make many p_c and gradient entries tiny; as denormals they would slow this
+// pass and the gradient GEMMs that read them many-fold, and at ~1e-38 they carry no information
+// at fp32 precision. Elsewhere denormals are kept (same results, possibly slower).
 class FlushDenormals {
  public:
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__)
   FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
   ~FlushDenormals() { _mm_setcsr(saved_); }
 
  private:
   unsigned saved_;
+#elif defined(__aarch64__)
+  FlushDenormals() : saved_(get_fpcr()) { set_fpcr(saved_ | kFpcrFlushToZero); }
+  ~FlushDenormals() { set_fpcr(saved_); }
+
+ private:
+  static constexpr uint64_t kFpcrFlushToZero = uint64_t(1) << 24;
+  static uint64_t get_fpcr() {
+    uint64_t v;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(v));
+    return v;
+  }
+  static void set_fpcr(uint64_t v) { __asm__ __volatile__("msr fpcr, %0" : : "r"(v)); }
+  uint64_t saved_;
 #endif
 };
 

@@ -26,9 +26,11 @@
 #include "fit/optim_spans.h"
 #include "optim/optim_math.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(FASTREG_X86_ISAS)  // (common.h, via optim_math.h)
 #include <immintrin.h>
-#define FASTREG_X86_ISAS 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define FASTREG_NEON 1
 #endif
 
 namespace fastreg {
@@ -41,22 +43,19 @@ using optim::SgdHyper;
 // ================================================================================================
 // Vectorised loops over plain arrays.
 //
-// SGD: plain `omp simd` loops over the scalar update rule; GCC vectorises them in each of the
-// AVX-512 / AVX2 / baseline clones that target_clones makes of the entry points (picked at load
-// time: the binary still runs on a CPU without AVX).
+// SGD: plain `omp simd` loops over the scalar update rule; the compiler vectorises them, on x86-64
+// in each of the AVX-512 / AVX2 / baseline clones that target_clones makes of the entry points
+// (picked at load time: the binary still runs on a CPU without AVX), on aarch64 for NEON.
 //
 // Adam: the same would not vectorise, because the build compiles with -fmath-errno, which makes
 // every sqrt a call that may set errno. So the Adam loops run the update rule on explicit SIMD
-// vectors (GCC vector types: + - * / and selects are portable, only sqrt is an ISA instruction),
-// in one function per ISA, with the scalar rule for the tail; the ISA is picked once at load time.
+// vectors (GCC/clang vector types: + - * / and selects are portable, only sqrt is an ISA
+// instruction), in one function per ISA, with the scalar rule for the tail; on x86-64 the ISA is
+// picked once at load time, on aarch64 it is NEON (fsqrt on 128-bit vectors).
 // ================================================================================================
 
 #define FASTREG_INLINE inline __attribute__((always_inline))
-#if defined(FASTREG_X86_ISAS)
-#define FASTREG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTREG_CLONES
-#endif
+#define FASTREG_CLONES FASTREG_CPU_CLONES
 
 template <bool MOMENTUM, typename T>
 FASTREG_INLINE void sgd_loop(T* __restrict p, const T* __restrict g, T* __restrict buf, int64_t n, bool first,
@@ -85,13 +84,15 @@ FASTREG_INLINE void storeu(T* ptr, V x) {
 
 struct ScalarSqrt {
   template <typename T>
-  static T apply(T x) {
-    return optim::math_sqrt(x);
+  static void apply(T& x) {
+    x = optim::math_sqrt(x);
   }
 };
 
-// Adam over n elements: SIMD vectors of type V (lanes of T) with Sqrt::apply(V), then the scalar
-// rule for the remaining n % lanes elements.
+// Adam over n elements: SIMD vectors of type V (lanes of T) with Sqrt::apply(V&) (in place: a vector
+// passed by value to a function with a wider target than its caller is an ABI change clang refuses;
+// `flatten` inlines it all into the per-ISA entry points anyway), then the scalar rule for the
+// remaining n % lanes elements.
 template <bool AMSGRAD, typename V, typename Sqrt, typename T>
 inline void adam_loop(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                               T* __restrict vmax, int64_t n, const AdamHyper<T> h, const AdamStepScalars<T> s) {
@@ -101,7 +102,9 @@ inline void adam_loop(T* __restrict p, const T* __restrict g, T* __restrict m, T
     V pi = loadu<V>(p + i), mi = loadu<V>(m + i), vi = loadu<V>(v + i);
     V vmi = AMSGRAD ? loadu<V>(vmax + i) : V{};
     const V second = optim::adam_moments<AMSGRAD>(pi, loadu<V>(g + i), mi, vi, vmi, h);
-    storeu(p + i, optim::adam_apply(pi, mi, Sqrt::apply(second), h, s));
+    V root = second;
+    Sqrt::apply(root);
+    storeu(p + i, optim::adam_apply(pi, mi, root, h, s));
     storeu(m + i, mi);
     storeu(v + i, vi);
     if (AMSGRAD) storeu(vmax + i, vmi);
@@ -149,31 +152,51 @@ typedef double vd2 __attribute__((vector_size(16)));
 #define FASTREG_AVX512 __attribute__((target("avx512f")))
 #define FASTREG_AVX2 __attribute__((target("avx2")))
 struct Avx512Sqrt {  // (the maskz form: the plain one starts from an "undefined" vector GCC warns about)
-  FASTREG_AVX512 static inline vf16 apply(vf16 x) { return (vf16)_mm512_maskz_sqrt_ps(0xFFFF, (__m512)x); }
-  FASTREG_AVX512 static inline vd8 apply(vd8 x) { return (vd8)_mm512_maskz_sqrt_pd(0xFF, (__m512d)x); }
+  FASTREG_AVX512 static inline void apply(vf16& x) { x = (vf16)_mm512_maskz_sqrt_ps(0xFFFF, (__m512)x); }
+  FASTREG_AVX512 static inline void apply(vd8& x) { x = (vd8)_mm512_maskz_sqrt_pd(0xFF, (__m512d)x); }
 };
 struct Avx2Sqrt {
-  FASTREG_AVX2 static inline vf8 apply(vf8 x) { return (vf8)_mm256_sqrt_ps((__m256)x); }
-  FASTREG_AVX2 static inline vd4 apply(vd4 x) { return (vd4)_mm256_sqrt_pd((__m256d)x); }
+  FASTREG_AVX2 static inline void apply(vf8& x) { x = (vf8)_mm256_sqrt_ps((__m256)x); }
+  FASTREG_AVX2 static inline void apply(vd4& x) { x = (vd4)_mm256_sqrt_pd((__m256d)x); }
 };
 struct Sse2Sqrt {  // SSE2 is part of x86-64 itself
-  static inline vf4 apply(vf4 x) { return (vf4)_mm_sqrt_ps((__m128)x); }
-  static inline vd2 apply(vd2 x) { return (vd2)_mm_sqrt_pd((__m128d)x); }
+  static inline void apply(vf4& x) { x = (vf4)_mm_sqrt_ps((__m128)x); }
+  static inline void apply(vd2& x) { x = (vd2)_mm_sqrt_pd((__m128d)x); }
 };
 
 FASTREG_ADAM_ISA(adam_avx512, FASTREG_AVX512, vf16, vd8, Avx512Sqrt)
 FASTREG_ADAM_ISA(adam_avx2, FASTREG_AVX2, vf8, vd4, Avx2Sqrt)
 FASTREG_ADAM_ISA(adam_sse2, , vf4, vd2, Sse2Sqrt)
 
+enum class X86Isa { kAvx512, kAvx2, kSse2 };
+// The same order as the target_clones resolver: avx512f, then avx2, then the baseline.
+X86Isa x86_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return X86Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2")) return X86Isa::kAvx2;
+  return X86Isa::kSse2;
+}
+
 template <typename T>
 AdamSpanFn<T> pick_adam_span(AdamSpanFn<T> avx512, AdamSpanFn<T> avx2, AdamSpanFn<T> sse2) {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return avx512;
-  if (__builtin_cpu_supports("avx2")) return avx2;
-  return sse2;
+  switch (x86_isa()) {
+    case X86Isa::kAvx512: return avx512;
+    case X86Isa::kAvx2: return avx2;
+    default: return sse2;
+  }
 }
 const AdamSpanFn<float> adam_f32 = pick_adam_span<float>(adam_avx512_f32, adam_avx2_f32, adam_sse2_f32);
 const AdamSpanFn<double> adam_f64 = pick_adam_span<double>(adam_avx512_f64, adam_avx2_f64, adam_sse2_f64);
+#elif defined(FASTREG_NEON)
+typedef float vf4 __attribute__((vector_size(16)));
+typedef double vd2 __attribute__((vector_size(16)));
+struct NeonSqrt {
+  static inline void apply(vf4& x) { x = (vf4)vsqrtq_f32((float32x4_t)x); }
+  static inline void apply(vd2& x) { x = (vd2)vsqrtq_f64((float64x2_t)x); }
+};
+FASTREG_ADAM_ISA(adam_neon, , vf4, vd2, NeonSqrt)
+const AdamSpanFn<float> adam_f32 = adam_neon_f32;
+const AdamSpanFn<double> adam_f64 = adam_neon_f64;
 #else
 FASTREG_ADAM_ISA(adam_portable, , float, double, ScalarSqrt)
 const AdamSpanFn<float> adam_f32 = adam_portable_f32;
@@ -402,7 +425,12 @@ class FlatGroup {
     const int64_t bytes = std::min(kHeadBytes, (offsets_[i + 1] - offsets_[i]) * elem_size_);
     for (int64_t l = 0; l < num_lists_; ++l) {
       const char* base = ptrs_[i * num_lists_ + l];
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + b, l == 1 ? 0 : 1);
+      // (read/write must be a constant for clang: list 1 is the gradients, which are only read)
+      if (l == 1) {
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + b, 0);
+      } else {
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + b, 1);
+      }
     }
   }
 
@@ -867,6 +895,26 @@ void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, tor
 }
 
 }  // namespace optim_cpu
+
+// fastreg::_cpu_code_path (schema in csrc/fastreg.cpp): which CPU code the kernels run, picked at
+// load time, for benchmark provenance -- "<arch>-<vector ISA>", plus "-serial" for a build without
+// OpenMP (at::parallel_for then runs on one thread).
+std::string cpu_code_path() {
+#if defined(FASTREG_X86_ISAS)
+  using optim_cpu::X86Isa;
+  const X86Isa isa = optim_cpu::x86_isa();
+  std::string path = isa == X86Isa::kAvx512 ? "x86_64-avx512f" : isa == X86Isa::kAvx2 ? "x86_64-avx2" : "x86_64-sse2";
+#elif defined(FASTREG_NEON)
+  std::string path = "aarch64-neon";
+#else
+  std::string path = "generic";
+#endif
+#if !defined(_OPENMP)
+  path += "-serial";
+#endif
+  return path;
+}
+
 }  // namespace fastreg
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     prov = C.provenance(args.device)
     print(f"fastreg bench on {prov['device_name']} | torch {prov['torch']} | fastreg {prov['fastreg_commit']} "
-          f"| {prov['date']}")
+          f"| {prov['platform']} | {prov['date']}")
     if prov["loadavg"] and prov["loadavg"] > 0.5:
         print(f"warning: load average {prov['loadavg']} — other work is running; timings will be noisy")
     if args.bars:

@@ -95,8 +95,8 @@ def _optim_bars(crit: Criteria, rows: list, cfg: optim.OptimConfig, device: str)
 
 CRIT_COLUMNS = [("bar", "bar"), ("metric", "metric"), ("value", lambda r: C.fmt(r.get("value"), ".3f")),
                 ("target", "target"), ("result", "result"), ("note", lambda r: (r.get("note") or "")[:50])]
-CSV_COLUMNS = ["date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "loadavg",
-               "bar", "metric", "value", "target", "result", "note"]
+CSV_COLUMNS = ["date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "platform",
+               "loadavg", "bar", "metric", "value", "target", "result", "note"]
 
 
 def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
@@ -141,6 +141,7 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
         f"- device: {prov['device_name']}",
         f"- torch {prov['torch']}" + (f", CUDA {prov['cuda']}" if prov["cuda"] else "") + f", Python {prov['python']}",
         f"- fastreg commit: {prov['fastreg_commit']}",
+        f"- platform (architecture / CPU code path): {prov['platform']}",
         f"- load average at start: {prov['loadavg']} (timings are meaningful only on a quiet machine)",
         f"- timing: median of {args.repeats} iterations after {args.warmup} warm-up; forward+backward for the loss,"
         " one whole `opt.step()` for the optimizers",

@@ -80,8 +80,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_platform() -> str:
+    """The machine's architecture and the CPU code path fastreg's kernels picked at load, e.g.
+    "x86_64 / x86_64-avx512f" or "aarch64 / aarch64-neon" (csrc/optim/optim_cpu.cpp)."""
+    import fastreg  # noqa: F401  (loads the operators)
+
+    try:
+        path = torch.ops.fastreg._cpu_code_path()
+    except (AttributeError, RuntimeError):  # a build older than the op
+        path = "unknown"
+    return f"{platform.machine()} / {path}"
+
+
 def provenance(device: str) -> dict:
     return {
+        "platform": cpu_platform(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device_name": device_name(device),
         "torch": torch.__version__,

@@ -368,7 +368,7 @@ def default_sweeps(device: str, quick: bool) -> dict:
 
 
 CSV_COLUMNS = [
-    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "loadavg",
+    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "platform", "loadavg",
     "sweep", "N", "D", "V", "dtype", "reduction", "bias", "provider", "status", "note",
     "median_ms", "min_ms", "max_ms", "spread", "repeats", "tflops", "x_floor", "speedup_vs_eager",
     "peak_extra_bytes", "mem_vs_eager", "memory_method", "err_loss", "err_dx", "err_dw", "err_db", "tol",

@@ -311,7 +311,7 @@ def copy_bytes(device: str, quick: bool) -> int:
 
 
 CSV_COLUMNS = [
-    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "loadavg",
+    "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "platform", "loadavg",
     "sweep", "optimizer", "n_tensors", "numel", "params", "dtype", "provider", "status", "note",
     "median_ms", "min_ms", "max_ms", "spread", "repeats", "bytes_per_step", "gbs", "copy_gbs", "frac_copy_bw",
     "speedup_vs_best_torch", "speedup_vs_forloop", "speedup_vs_fused", "err_update", "tol",
