@@ -22,3 +22,34 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- property-based tests (hypothesis) ------------------------------------------------------------
+# Two profiles: "ci" (the default, part of `make test`: derandomised, so the suite is reproducible,
+# and bounded to a few minutes) and "fuzz" (`make fuzz`: random seeds, ~50x the examples).
+# Pick one with FASTREG_HYPOTHESIS_PROFILE=fuzz (what `make fuzz` sets). Each property test
+# scales its own example count with `examples(n)` (n = its count in the CI profile).
+import collections  # noqa: E402
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
+                          print_blob=True, suppress_health_check=_SLOW_OK)
+settings.register_profile("fuzz", max_examples=5000, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("FASTREG_HYPOTHESIS_PROFILE", "ci"))
+# generated cases that ran to the end (all assertions passed), by kind; printed after the run
+FUZZ_COUNTS: collections.Counter = collections.Counter()
+
+
+def examples(n: int) -> settings:
+    """settings(max_examples = n in the CI profile, scaled up in the fuzz profile)."""
+    return settings(max_examples=max(1, n * settings.default.max_examples // 100))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_COUNTS:
+        terminalreporter.write_sep("-", f"generated cases that passed (max_examples {settings.default.max_examples})")
+        for kind, n in sorted(FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"{kind:>32}: {n}")
