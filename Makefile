@@ -12,8 +12,8 @@ build:
 test: build cuda-check
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
 
-# The property-based tests with the long hypothesis profile (~50x the examples of `make test`,
-# random seeds; ~20-30 minutes on 2 cores); prints how many generated cases passed, by kind.
+# The property-based tests with the long hypothesis profile (20x the examples of `make test`,
+# random seeds; ~10 CPU-minutes); prints how many generated cases passed, by kind.
 fuzz: build
 	FASTREG_HYPOTHESIS_PROFILE=fuzz $(VPY) -m pytest -q $(PYTEST_ARGS) tests/test_fuzz_lce.py tests/test_fuzz_optim.py
 

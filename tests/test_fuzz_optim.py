@@ -112,7 +112,7 @@ def _close(x, y, what, rtol=None):
     torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * max(big, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
-@examples(80)
+@examples(100)
 @given(case=optim_cases())
 def test_trajectory_matches_torch_optim(case):
     note(repr(case))
@@ -169,8 +169,9 @@ def test_trajectory_matches_torch_optim(case):
         sb = {k: v for k, v in sb.items() if v is not None}  # torch's SGD may keep momentum_buffer=None
         if sa and not sb:
             # every step of this parameter was skipped by GradScaler: torch made no state, fastreg's
-            # kernel already had zero state at step 0, which continues exactly like none.
-            assert float(sa["step"]) == 0 and not any(v.any() for k, v in sa.items() if k != "step"), \
+            # kernel already had zero state (step 0, or SGD's buffer flagged "never written"),
+            # which continues exactly like none (the trajectory checks above go on matching).
+            assert float(sa.get("step", 0)) == 0 and not any(v.any() for k, v in sa.items() if k != "step"), \
                 f"param {i}: skipped steps left state {sa}"
             continue
         assert sorted(sa) == sorted(sb), f"param {i}: state keys {sorted(sa)} != torch's {sorted(sb)}"
