@@ -30,6 +30,7 @@ def _seed():
 # Pick one with FASTREG_HYPOTHESIS_PROFILE=fuzz (what `make fuzz` sets). Each property test
 # scales its own example count with `examples(n)` (n = its count in the CI profile).
 import collections  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -39,8 +40,21 @@ settings.register_profile("ci", max_examples=100, deadline=None, derandomize=Tru
                           print_blob=True, suppress_health_check=_SLOW_OK)
 settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("FASTREG_HYPOTHESIS_PROFILE", "ci"))
-# generated cases that ran to the end (all assertions passed), by kind; printed after the run
-FUZZ_COUNTS: collections.Counter = collections.Counter()
+class _Counts(collections.Counter):
+    """Generated cases that ran to the end (all assertions passed), by kind; printed after the run
+    and, if FASTREG_FUZZ_COUNTS_FILE is set, kept up to date there as JSON (for a run that is
+    stopped before it ends)."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        path = os.environ.get("FASTREG_FUZZ_COUNTS_FILE")
+        if path:
+            with open(path + ".tmp", "w") as f:
+                json.dump(dict(self), f)
+            os.replace(path + ".tmp", path)
+
+
+FUZZ_COUNTS = _Counts()
 
 
 def examples(n: int) -> settings:
