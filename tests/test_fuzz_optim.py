@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from hypothesis import given, note, strategies as st
 
@@ -59,8 +60,8 @@ def hyper(draw, name):
         h["nesterov"] = nesterov
         h["dampening"] = 0.0 if nesterov or draw(st.booleans()) else draw(_floats(0.0, 0.9))
     else:
-        if draw(st.booleans()):
-            h["betas"] = (draw(_floats(0.0, 0.99)), draw(_floats(0.0, 0.9999)))
+        if draw(st.booleans()):  # beta2 up to 0.999: see test_adam_float32_bias_correction
+            h["betas"] = (draw(_floats(0.0, 0.99)), draw(_floats(0.0, 0.999)))
         if draw(st.booleans()):
             h["eps"] = draw(st.sampled_from([1e-8, 1e-6, 1e-3]))
         h["amsgrad"] = draw(st.booleans())
@@ -106,9 +107,11 @@ def _rtols(case):
     return out
 
 
-def _close(x, y, what, rtol=None):
+def _close(x, y, what, rtol=None, moved=0.0):
+    """x close to y relative to y's magnitude or to `moved` (the sum of the learning rates so far:
+    an update's rounding error is relative to the update, and a parameter may pass through 0)."""
     rtol = rtol or RTOL[y.dtype]
-    big = y.abs().max().item() if y.numel() else 0.0
+    big = max(y.abs().max().item() if y.numel() else 0.0, moved)
     torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * max(big, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
@@ -125,6 +128,8 @@ def test_trajectory_matches_torch_optim(case):
     theirs = [[torch.nn.Parameter(t.clone(), requires_grad=not fz) for t, fz in grp] for grp in init]
     flat_ours, flat_theirs = sum(ours, []), sum(theirs, [])
     rtols = _rtols(case)
+    lrs = [h.get("lr", 1e-3) for specs, h in case.groups for _ in specs]  # 1e-3: the default
+    moved = [0.0] * len(lrs)
     opt_a = _build(fr_cls, ours, hypers)
     opt_b = _build(th_cls, theirs, hypers, foreach=False)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2) for _ in range(2)] \
@@ -155,7 +160,9 @@ def test_trajectory_matches_torch_optim(case):
         if scalers is not None:
             assert scalers[0].get_scale() == scalers[1].get_scale()
         for i, (pa, pb) in enumerate(zip(flat_ours, flat_theirs)):
-            _close(pa.detach(), pb.detach(), f"step {step}, param {i} {tuple(pa.shape)} {pa.dtype}", rtols[i])
+            moved[i] += float(lrs[i])
+            _close(pa.detach(), pb.detach(), f"step {step}, param {i} {tuple(pa.shape)} {pa.dtype}", rtols[i],
+                   moved[i])
         mode = case.reload.get(step)
         if mode == "self":
             opt_a = _reload(opt_a, fr_cls, ours, hypers, opt_a)
@@ -183,3 +190,17 @@ def test_trajectory_matches_torch_optim(case):
                 _close(va, vb, f"param {i} state {key}", rtols[i])
     FUZZ_COUNTS["optimizer trajectories vs torch.optim"] += 1
     FUZZ_COUNTS["optimizer steps compared"] += case.steps
+
+
+@pytest.mark.xfail(strict=True, reason="fp32 Adam computes the bias corrections 1 - beta^t in float32 from "
+                   "float32-rounded betas (csrc/optim/optim_math.h adam_step_scalars<T>): 1 - 0.9999f = "
+                   "1.0002e-4, so the first steps' size is off by ~1e-4 relative (torch: double on the host); "
+                   "fix: compute neg_step_size and bc2_sqrt in double and round once")
+def test_adam_float32_bias_correction():
+    """Found by test_trajectory_matches_torch_optim (beta2 = 0.999 gave a 6e-6 relative error in the
+    first step, beta2 = 0.9999 gives 1e-4): a first Adam step of float32 is exact to a few ulp."""
+    for beta2 in (0.999, 0.9999):
+        p = torch.nn.Parameter(torch.tensor([1.0]))
+        p.grad = torch.tensor([0.5])
+        fo.Adam([p], lr=0.1, betas=(0.9, beta2), eps=0.0).step()
+        assert abs(p.item() - 0.9) <= 4 * torch.finfo(torch.float32).eps, (beta2, p.item() - 0.9)
