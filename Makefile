@@ -4,13 +4,18 @@ VENV ?= .venv
 VPY  := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: build test bench cuda-check port-check test-aarch64 gpu-check gpu-wheels clean
+.PHONY: build test bench fuzz cuda-check port-check test-aarch64 gpu-check gpu-wheels clean
 
 build:
 	./scripts/bootstrap.sh
 
 test: build cuda-check port-check
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The property-based tests with the long hypothesis profile (20x the examples of `make test`,
+# random seeds; ~10 CPU-minutes); prints how many generated cases passed, by kind.
+fuzz: build
+	FASTREG_HYPOTHESIS_PROFILE=fuzz $(VPY) -m pytest -q $(PYTEST_ARGS) tests/test_fuzz_lce.py tests/test_fuzz_optim.py
 
 bench: build
 	$(VPY) -m fastreg.bench $(BENCH_ARGS)

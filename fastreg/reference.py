@@ -34,6 +34,7 @@ def linear_cross_entropy_reference(input: Tensor, linear_weight: Tensor, target:
         elif reduction == "sum":
             loss = loss + zl.sum().to(loss.dtype)
         else:
-            denom = (weight[t.clamp(min=0)] * active).sum() if weight is not None else active.sum()
+            # (an ignore_index >= V is a valid target value, so index with 0 in its place)
+            denom = (weight[torch.where(active, t, 0)] * active).sum() if weight is not None else active.sum()
             loss = loss + (zl.sum() / denom).to(loss.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -360,7 +361,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, cons
   Tensor loss;
   if (reduction == kNone) loss = loss_rows.view(lead);
   else if (reduction == kSum) loss = loss_rows.sum();
-  else loss = loss_rows.sum() / denom;  // 0 / 0 = nan when every row is ignored, like torch
+  // A zero denominator (every row ignored, or zero class weight on every kept row) gives nan like
+  // torch's mean, also when z-loss or label smoothing made the numerator nonzero (x / 0 = inf).
+  else loss = (loss_rows.sum() / denom).masked_fill(denom == 0, std::numeric_limits<double>::quiet_NaN());
   loss = loss.to(input.scalar_type());
   return {loss, g.input.defined() ? grad_input_shaped(g.input) : empty_like_none(input),
           g.weight.defined() ? g.weight : empty_like_none(weight),
