@@ -140,10 +140,15 @@ def openmp_flags() -> tuple[list[str], list[str]]:
 EXTENSION_NAME = "fastreg._C"
 
 
+def cpu_defines() -> list[tuple[str, str]]:
+    """The extension's defines: build facts for csrc/module.cpp (no quotes or commas: it
+    stringifies them, nvcc splits at commas). Also used by scripts/port_check.py."""
+    return [("FASTREG_VERSION", fastreg_version())]
+
+
 def cuda_defines(archs: str | None = None) -> list[tuple[str, str]]:
-    """The extension's defines when it is built with CUDA (build facts for csrc/module.cpp included)."""
-    return [("FASTREG_VERSION", fastreg_version()), ("FASTREG_WITH_CUDA", "1"),
-            ("FASTREG_CUDA_ARCHS", "_".join(cuda_caps(archs)))]
+    """The extension's defines when it is built with CUDA."""
+    return cpu_defines() + [("FASTREG_WITH_CUDA", "1"), ("FASTREG_CUDA_ARCHS", "_".join(cuda_caps(archs)))]
 
 
 def nvcc_compile_flags(archs: str | None = None) -> list[str]:
@@ -179,8 +184,7 @@ def extensions():
             EXTENSION_NAME,
             cpp,
             include_dirs=include_dirs,
-            # build facts for csrc/module.cpp (no quotes or commas: it stringifies them, nvcc splits at commas)
-            define_macros=[("FASTREG_VERSION", fastreg_version())],
+            define_macros=cpu_defines(),
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=omp_ldflags,
         )

@@ -48,6 +48,7 @@ def compile_flags(setup_mod, openmp: bool, clang: bool) -> list[str]:
 
     flags = list(setup_mod.CXX_FLAGS) + (["-fopenmp"] if openmp else [])
     flags += ["-fPIC", "-DNDEBUG", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+    flags += [f"-D{k}={v}" for k, v in setup_mod.cpu_defines()]
     flags += ["-I" + p for p in cpp_ext.include_paths()]
     flags += ["-I" + os.path.join(ROOT, "csrc"), "-I" + sysconfig.get_paths()["include"]]
     return flags

@@ -184,7 +184,9 @@ FASTREG_SMALL_INLINE void linear_row_backward(const SmallLinear<T>& a, const T* 
 FASTREG_SMALL_INLINE float exp_vectorisable(float x) {
   const bool underflow = x < -87.0f;
   x = x > 88.0f ? 88.0f : (underflow ? -87.0f : x);
-  const float n = __builtin_roundevenf(x * 1.44269504088896341f);
+  // round to nearest even by the 1.5 * 2^23 trick (|x log2 e| < 2^22): vectorises on every target
+  // and compiler, unlike __builtin_roundevenf (GCC only)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float q = 1.0f / 5040.0f;
