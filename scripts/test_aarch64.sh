@@ -31,7 +31,7 @@ QEMU=${QEMU:-qemu-aarch64-static}
 # full 16-lane vectors plus a tail). Left out: torch.compile (inductor would need a C++ compiler
 # inside the emulated system), the tests that start a second Python (no binfmt_misc here), opcheck
 # (registration, not arithmetic: checked on x86-64) and the CUDA-only ones.
-TESTS=(tests/test_lce.py tests/test_optim.py)
+TESTS=(tests/test_lce.py tests/test_mse.py tests/test_optim.py)
 DESELECT="not compile and not logits_never_materialised and not cuda_graph and not opcheck"
 DESELECT+=" and not (test_matches_reference and not (N37-D19-V53-c10 or N64-D33-V1000-c7))"
 # The emulated CPU: a Neoverse N1 (Graviton2; NEON, no SVE). qemu 7.2 passes the host's x86
@@ -100,7 +100,7 @@ fi
 
 # ---- build: the extension, cross-compiled --------------------------------------------------------
 mkdir -p "$BUILD/obj" "$BUILD/fastreg"
-CXXFLAGS=$("$VPY" -c 'import sys; sys.path.insert(0, "scripts"); from cuda_check import load_setup_module; print(" ".join(load_setup_module().CXX_FLAGS))')
+CXXFLAGS=$("$VPY" -c 'import sys; sys.path.insert(0, "scripts"); from cuda_check import load_setup_module; s = load_setup_module(); print(" ".join(s.CXX_FLAGS + [f"-D{k}={v}" for k, v in s.cpu_defines()]))')
 TI=$SITE/torch/include
 FLAGS=($CXXFLAGS -fopenmp -fPIC -DNDEBUG -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
        -I"$ROOT/csrc" -I"$TI" -I"$TI/torch/csrc/api/include" -I"$SYSROOT/usr/include/python3.11" -I"$SYSROOT/usr/include")

@@ -203,3 +203,20 @@ def test_bad_reduction_and_target_requiring_grad():
     case["target"].requires_grad_()
     with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'target'"):
         fastreg.linear_mse_loss(**case)
+
+
+@pytest.mark.parametrize("V", [4, 300])  # small one-pass path and chunked GEMM path
+def test_strided_bias(V):
+    # regression: the one-pass path read a strided bias view as if it were dense
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2 * V, dtype=torch.float64)[::2].requires_grad_()
+    y = torch.randn(6, V, dtype=torch.float64)
+    got = fastreg.linear_mse_loss(x, w, y, linear_bias=b)
+    ref = F.mse_loss(F.linear(x, w, b), y)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    g_got = torch.autograd.grad(got, (x, w, b))
+    g_ref = torch.autograd.grad(ref, (x, w, b))
+    for a, r in zip(g_got, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)

@@ -109,6 +109,7 @@ double run_small(const MseProblem& p, double scale, const Tensor& elem_scale, bo
   const Tensor x = p.x.stride(1) == 1 ? p.x : p.x.contiguous();
   const Tensor y = p.y.stride(1) == 1 ? p.y : p.y.contiguous();
   const Tensor w = p.w.contiguous();
+  const Tensor b = p.bias.defined() ? p.bias.contiguous() : Tensor();  // the kernel reads it densely
   const bool want_gi = write_grad && mask[0], want_gw = write_grad && mask[1],
              want_gb = write_grad && mask[2] && p.bias.defined();
   if (want_gi) g.input = at::empty({p.N, p.D}, p.x.options());
@@ -118,7 +119,7 @@ double run_small(const MseProblem& p, double scale, const Tensor& elem_scale, bo
   a.n = p.N, a.D = p.D, a.V = p.V;
   a.x = x.data_ptr<T>(), a.x_stride = x.stride(0);
   a.w = w.data_ptr<T>();
-  a.b = p.bias.defined() ? p.bias.data_ptr<T>() : nullptr;
+  a.b = b.defined() ? b.data_ptr<T>() : nullptr;
   a.grad_x = want_gi ? g.input.data_ptr<T>() : nullptr, a.grad_x_stride = p.D;
   a.grad_w = want_gw ? g.weight.data_ptr<T>() : nullptr;
   a.grad_b = want_gb ? g.bias.data_ptr<T>() : nullptr;
