@@ -315,6 +315,32 @@ def test_logits_never_materialised():
 
 
 
+@pytest.mark.parametrize("shape", [(20000, 40, 8), (6000, 64, 32)], ids=lambda s: "N{}-D{}-V{}".format(*s))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_many_rows_few_classes(shape, reduction):
+    """Many rows with few classes take the one-pass CPU kernel split over row blocks (each block
+    summing its own grad_W / grad_b); with 1 and 2 threads it matches the reference."""
+    N, D, V = shape
+    case = make(N, D, V, bias=True, class_weight=True, ignore=N // 5)
+    want = run(reference, case, reduction=reduction, label_smoothing=0.1)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = run(fastreg.linear_cross_entropy, case, reduction=reduction, label_smoothing=0.1)
+            assert_close_all(got, want, rtol=1e-9, atol=1e-10)
+            # float32: the gradients sum many rows; the error stays within a few times eager's own
+            # (its GEMMs sum in blocks; the one-pass kernel in runs of 512 rows)
+            case32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+            ours = run(fastreg.linear_cross_entropy, case32, reduction=reduction, label_smoothing=0.1)
+            eager = run(reference, case32, reduction=reduction, label_smoothing=0.1)
+            for i, (a, e, w) in enumerate(zip(ours, eager, want)):
+                err, eager_err = (a.double() - w).abs().max().item(), (e.double() - w).abs().max().item()
+                assert err <= 6 * eager_err + 1e-7, f"output {i}: float32 error {err:.2e}, eager's {eager_err:.2e}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_backward_twice_with_retain_graph():
     """The gradients computed in the forward stay valid for a second backward over the same graph."""
     case = make(6, 3, 7, dtype=torch.float64)

@@ -213,7 +213,9 @@ void run_chunks(const Problem& p, int64_t ignore_index, double label_smoothing, 
     }
     if (want_gw) {
       if (gw_direct) {
-        g.weight.addmm_(logits.t(), xc);
+        // the first chunk writes grad_W (beta = 0: measured ~1.5x faster than accumulating into zeros)
+        if (r0 == 0) at::mm_out(g.weight, logits.t(), xc);
+        else g.weight.addmm_(logits.t(), xc);
       } else if (!p.x.is_cpu()) {
         at::addmm_out(g.weight, g.weight, logits.t(), xc, p.acc);  // cuBLAS: bf16/fp16 in, fp32 accumulate
       } else {
@@ -234,14 +236,18 @@ void finish_grads(const Problem& p, Grads& g) {
 }
 
 // ---------------------------------------------------------------------------------- small path
-// Few classes, float/double on CPU, little work: one pass over the rows (csrc/small/small_dense.h).
-// Above ~2M multiply-adds the blocked GEMMs of the chunk path win (measured: 4096 x 256 x 32 runs
-// 2x faster there), below it their fixed costs dominate.
+// Few classes, float/double on CPU: one pass over the rows (csrc/small/small_dense.h), where the
+// fixed cost of three GEMM calls and a row-pass dispatch would dominate. Routed by measurement
+// (one thread, fp32, this 2-core VM under load; fastreg/eager time): the one pass also wins for
+// many rows while a row's weights and gradient (V x D) stay small -- 16384x64x10: 0.55-0.59
+// one-pass vs 0.94 chunked -- and loses once they outgrow L1 (4096x256x32: 1.3-1.45 one-pass vs
+// ~1.3 chunked; 4096x1024x64: 1.16 vs 1.07, where the blocked GEMMs win).
 constexpr int64_t kSmallPathMaxWork = int64_t(1) << 21;
+constexpr int64_t kSmallPathMaxRowWork = 2048;  // V x D multiply-adds per row
 bool use_small_path(const Problem& p) {
   const auto dt = p.x.scalar_type();
   return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && p.V <= small::kSmallMaxV &&
-         p.N * p.D * p.V <= kSmallPathMaxWork;
+         (p.N * p.D * p.V <= kSmallPathMaxWork || p.D * p.V <= kSmallPathMaxRowWork);
 }
 
 // The small-path counterpart of run_chunks (same contract). Returns sum_i loss_i.
