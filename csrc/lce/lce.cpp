@@ -253,6 +253,7 @@ double run_small(const Problem& p, int64_t ignore_index, double label_smoothing,
              want_gb = write_grad && mask[2] && p.bias.defined();
   const Tensor x = p.x.stride(1) == 1 ? p.x : p.x.contiguous();
   const Tensor w = p.w.is_contiguous() ? p.w : p.w.contiguous();
+  const Tensor bias = p.bias.defined() && !p.bias.is_contiguous() ? p.bias.contiguous() : p.bias;  // may be strided
   if (want_gi) g.input = at::empty({p.N, p.D}, p.x.options());
   if (want_gw) g.weight = at::zeros({p.V, p.D}, p.w.options());
   if (want_gb) g.bias = at::zeros({p.V}, p.w.options());
@@ -260,7 +261,7 @@ double run_small(const Problem& p, int64_t ignore_index, double label_smoothing,
   a.n = p.N, a.D = p.D, a.V = p.V;
   a.x = x.data_ptr<T>(), a.x_stride = x.stride(0);
   a.w = w.data_ptr<T>();
-  a.b = p.bias.defined() ? p.bias.data_ptr<T>() : nullptr;
+  a.b = bias.defined() ? bias.data_ptr<T>() : nullptr;
   a.grad_x = want_gi ? g.input.data_ptr<T>() : nullptr, a.grad_x_stride = p.D;
   a.grad_w = want_gw ? g.weight.data_ptr<T>() : nullptr;
   a.grad_b = want_gb ? g.bias.data_ptr<T>() : nullptr;
@@ -331,8 +332,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, cons
       } else {
         const double total = run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, z_loss, scale, Tensor(),
                                                  write_grad, output_mask, nullptr, g);
-        // 0 / 0 = nan when every row is ignored, like torch
-        loss = at::scalar_tensor(reduction == kSum ? total : total / denom, p.x.options());
+        // a zero denominator (every row ignored, or zero class weight on every kept row) gives nan
+        // like torch's mean, also when z-loss or label smoothing made the total nonzero (x / 0 = inf)
+        const double mean = denom == 0.0 ? std::numeric_limits<double>::quiet_NaN() : total / denom;
+        loss = at::scalar_tensor(reduction == kSum ? total : mean, p.x.options());
       }
     });
     return {loss, g.input.defined() ? grad_input_shaped(g.input) : empty_like_none(input),
