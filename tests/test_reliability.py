@@ -1,8 +1,7 @@
 """The guarantees of the README's "Reliability" section:
 
 * determinism: the same call gives bitwise-identical loss, gradients and optimizer updates run
-  to run, in this process and in a fresh one; for the loss and Adam/AdamW also across OpenMP
-  thread counts (tested: 1-4), for SGD only at a fixed thread count (pinned xfail below);
+  to run, in this process and in a fresh one, and across OpenMP thread counts (tested: 1-4);
 * thread safety: the loss (forward + backward) and optimizer steps called concurrently from
   several Python threads on different tensors give exactly the sequential results;
 * no leaks: process memory is flat over thousands of forward/backward and step calls;
@@ -96,12 +95,6 @@ def test_loss_bitwise_deterministic_for_any_thread_count(dtype, reduction, resto
         assert _bitwise_equal(runs[n][0], runs[1][0]), f"{n} threads differ from 1 thread"
 
 
-SGD_SPLIT = ("fused SGD's result depends on where the thread split falls: the elements just before a "
-             "split are the tail of one thread's `omp simd` loop (csrc/optim/optim_cpu.cpp, sgd_loop via "
-             "for_each_piece), computed with a different rounding than the vector body (1 ulp); "
-             "fix: split the parallel range at tensor-local multiples of the vector width")
-
-
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_optimizer_bitwise_deterministic_for_a_fixed_thread_count(name, dtype, restore_threads):
@@ -110,8 +103,7 @@ def test_optimizer_bitwise_deterministic_for_a_fixed_thread_count(name, dtype, r
         assert _bitwise_equal(_optim_outputs(name, dtype), _optim_outputs(name, dtype)), f"{n} threads"
 
 
-@pytest.mark.parametrize("name", [pytest.param("SGD", marks=pytest.mark.xfail(strict=True, reason=SGD_SPLIT)),
-                                  "Adam", "AdamW"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 def test_optimizer_bitwise_deterministic_for_any_thread_count(name, restore_threads):
     runs = {}
     for n in THREADS:

@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     const bool capped = args.softcap > 0.0;
     const A cap = static_cast<A>(capped ? args.softcap : 1.0);
     const A eps = static_cast<A>(args.eps);
-    const bool need_sum = args.eps > 0.0;  // sum w z and W only matter with label smoothing
+    const bool need_sum = fastreg::lce_smoothing_used(args.eps);  // else no w_c with c != t is read
     const void* wptr = args.weight;
     const bool wf64 = args.weight_f64;
     auto weight_at = [&](int64_t c) -> A { return wptr ? load_real<A>(wptr, wf64, c) : A(1); };

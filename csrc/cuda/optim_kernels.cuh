@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
   const int t = locate(a.batch, begin, len);
   AdamHyper<M> h = a.h;
   if (a.sc.grad_scale.present()) h.inv_grad_scale = M(1) / load<M>(a.sc.grad_scale);
-  const M lr = a.sc.lr.present() ? load<M>(a.sc.lr) : h.lr;
+  const double lr = a.sc.lr.present() ? load<double>(a.sc.lr) : h.lr_exact;
   const float new_step = *static_cast<const float*>(a.batch.counter[t]) + 1.0f;  // epilogue stores it
   const AdamStepScalars<M> s = optim::adam_step_scalars(h, lr, static_cast<M>(new_step));
   S* ptr[kElem];

@@ -206,7 +206,7 @@ void step_param(Param<T>& q, int64_t optimizer) {
       *c += 1.0f;
       step = static_cast<T>(*c);
     }
-    const auto scalars = optim::adam_step_scalars(q.adam, q.adam.lr, step);
+    const auto scalars = optim::adam_step_scalars(q.adam, q.adam.lr_exact, step);
     optim_cpu::adam_span_for_fit(q.p, q.grad, q.m, q.v, q.vmax, q.n, q.adam, scalars);
   } else {
     bool first = false;

@@ -355,7 +355,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, cons
   Tensor denom, row_scale;
   if (reduction == kMean) {
     const Tensor active = p.target != ignore_index;
-    denom = p.cw.defined() ? (p.cw.index_select(0, p.target.clamp(0, p.V - 1)) * active).sum()
+    // where, not a product: an ignored row must not read (clamped) weight[0], which may be NaN
+    denom = p.cw.defined() ? at::where(active, p.cw.index_select(0, p.target.clamp(0, p.V - 1)), 0).sum()
                            : active.sum().to(p.acc);
     row_scale = denom.reciprocal().reshape({1});
   } else {

@@ -123,7 +123,7 @@ struct RowArgs {
 template <bool kCap, bool kW8>
 FR_INLINE float row_pass_f32(float* z, const RowArgs& a) {
   const int64_t V = a.V;
-  const bool want_wz = a.eps != 0.0f;
+  const bool want_wz = lce_smoothing_used(a.eps);  // else no w_c with c != t is read (lce_math.h)
   const vf cap = splat(a.softcap), inv_cap = splat(1.0f / a.softcap);
   const vf ninf = splat(-std::numeric_limits<float>::infinity());
   const vi lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -161,8 +161,7 @@ FR_INLINE float row_pass_f32(float* z, const RowArgs& a) {
     const int64_t n = std::min(kW, V - c);
     vf x = load_part(z + c, n, 0.0f);
     vf g = A * vexp(x - vmx);
-    if (kW8) g -= B * load_part(a.cw + c, n, 0.0f);
-    else g -= B;
+    if (want_wz) g -= kW8 ? B * load_part(a.cw + c, n, 0.0f) : B;
     if (kCap) {
       vf r = x * inv_cap;
       g *= splat(1.0f) - r * r;
@@ -182,13 +181,13 @@ FASTREG_CPU_CLONES float row_pass_f32_dispatch(float* z, const RowArgs& a) {
 // The double row pass (gradcheck, float64 users): plain scalar maths.
 double row_pass_f64(double* z, int64_t V, int64_t t, double scale, double eps, double softcap, double zloss,
                     double w_sum, const double* cw, bool write_grad) {
-  const bool cap = softcap > 0.0;
+  const bool cap = softcap > 0.0, smoothing = lce_smoothing_used(eps);
   double m = -std::numeric_limits<double>::infinity(), sum_wz = 0.0;
   for (int64_t c = 0; c < V; ++c) {
     if (cap) z[c] = softcap * std::tanh(z[c] / softcap);
     m = nan_max(m, z[c]);
     // only with label smoothing: a -inf logit (a masked class) must not turn 0 * inf into nan
-    if (eps != 0.0) sum_wz += (cw ? cw[c] : 1.0) * z[c];
+    if (smoothing) sum_wz += (cw ? cw[c] : 1.0) * z[c];
   }
   double se = 0.0;
   for (int64_t c = 0; c < V; ++c) se += std::exp(z[c] - m);
@@ -199,7 +198,8 @@ double row_pass_f64(double* z, int64_t V, int64_t t, double scale, double eps, d
   const LceGradCoefs<double> k = lce_grad_coefs<double>(scale, lse, w_t, w_sum, eps, V, zloss);
   for (int64_t c = 0; c < V; ++c) {
     const double d = cap ? softcap_grad_from_value(z[c], softcap) : 1.0;
-    z[c] = (k.A * std::exp(z[c] - lse) - k.B * (cw ? cw[c] : 1.0) - (c == t ? k.C : 0.0)) * d;
+    const double smooth = smoothing ? k.B * (cw ? cw[c] : 1.0) : 0.0;
+    z[c] = (k.A * std::exp(z[c] - lse) - smooth - (c == t ? k.C : 0.0)) * d;
   }
   return loss;
 }

@@ -9,6 +9,9 @@
 //   g_c    = A p_c - B w_c - [c == t] C,   p_c = exp(z_c - lse)
 //   A = s ((1-e) w_t + e W / V + 2 l lse),   B = s e / V,   C = s (1-e) w_t
 // and with softcap (z = cap * tanh(a / cap)) the gradient w.r.t. the raw logit a is g_c (1 - (z_c/cap)^2).
+// Without label smoothing (e == 0) torch reads only w_t, so the smoothing terms (W, sum_c w_c z_c and
+// B w_c) are skipped, not multiplied by 0: a NaN/inf weight of an untargeted class must change nothing.
+// Kernels test lce_smoothing_used(e) before reading any w_c with c != t.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -27,9 +30,15 @@ FASTREG_HD T nan_max(T acc, T x) {
 }
 
 template <typename T>
+FASTREG_HD bool lce_smoothing_used(T eps) {
+  return eps != T(0);
+}
+
+template <typename T>
 FASTREG_HD T lce_row_loss(T lse, T z_t, T w_t, T sum_wz, T w_sum, T eps, int64_t V, T zloss) {
   const T inv_v = T(1) / T(V);
-  return (T(1) - eps) * w_t * (lse - z_t) + eps * inv_v * (w_sum * lse - sum_wz) + zloss * lse * lse;
+  const T smooth = lce_smoothing_used(eps) ? eps * inv_v * (w_sum * lse - sum_wz) : T(0);
+  return (T(1) - eps) * w_t * (lse - z_t) + smooth + zloss * lse * lse;
 }
 
 template <typename T>
@@ -41,7 +50,8 @@ template <typename T>
 FASTREG_HD LceGradCoefs<T> lce_grad_coefs(T scale, T lse, T w_t, T w_sum, T eps, int64_t V, T zloss) {
   const T inv_v = T(1) / T(V);
   LceGradCoefs<T> k;
-  k.A = scale * ((T(1) - eps) * w_t + eps * w_sum * inv_v + T(2) * zloss * lse);
+  const T smooth = lce_smoothing_used(eps) ? eps * w_sum * inv_v : T(0);
+  k.A = scale * ((T(1) - eps) * w_t + smooth + T(2) * zloss * lse);
   k.B = scale * eps * inv_v;
   k.C = scale * (T(1) - eps) * w_t;
   return k;

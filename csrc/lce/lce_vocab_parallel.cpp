@@ -149,6 +149,7 @@ void rows_impl(Tensor& logits, const int64_t* tgt, const acc_t* cw, const acc_t*
   const int64_t rows = logits.size(0), V = logits.size(1);
   scalar_t* z = logits.data_ptr<scalar_t>();
   const acc_t eps = a.eps, cap = a.cap, zl = a.zloss, w_sum = a.w_sum;
+  const bool smoothing = lce_smoothing_used(eps);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -172,7 +173,8 @@ void rows_impl(Tensor& logits, const int64_t* tgt, const acc_t* cw, const acc_t*
       for (int64_t c = 0; c < V; ++c) {
         acc_t v = static_cast<acc_t>(zr[c]);
         if (cap > 0 && !a.logits_capped) v = cap * std::tanh(v / cap);
-        acc_t g = k.A * std::exp(v - lse) - k.B * (cw ? cw[c] : acc_t(1)) - (c == lt ? k.C : acc_t(0));
+        const acc_t smooth = smoothing ? k.B * (cw ? cw[c] : acc_t(1)) : acc_t(0);  // no w_c read when eps == 0
+        acc_t g = k.A * std::exp(v - lse) - smooth - (c == lt ? k.C : acc_t(0));
         if (cap > 0) g *= softcap_grad_from_value(v, cap);
         zr[c] = static_cast<scalar_t>(g);
       }
@@ -291,18 +293,21 @@ void vp_rows_generic(Tensor& logits, const Tensor& target, const std::optional<T
   const double eps = label_smoothing, inv_v = 1.0 / static_cast<double>(num_classes);
   const Tensor active = active_rows(target, ignore_index, num_classes);
   const Tensor zero = at::zeros({}, opts);
-  // lce_row_loss
-  const Tensor loss = (1.0 - eps) * w_t * (lse - z_t) + eps * inv_v * (w_sum * lse - sum_wz) + z_loss * lse * lse;
+  // lce_row_loss; without label smoothing W and sum_c w_c z_c are not read (lce_math.h)
+  const bool smoothing = lce_smoothing_used(eps);
+  Tensor loss = (1.0 - eps) * w_t * (lse - z_t) + z_loss * lse * lse;
+  if (smoothing) loss = loss + eps * inv_v * (w_sum * lse - sum_wz);
   loss_rows.copy_(at::where(active, loss, zero));
   if (!write_grad) return;
   Tensor z = logits.to(acc);
   if (softcap > 0 && !logits_capped) z = at::tanh(z / softcap) * softcap;
   // lce_grad_coefs
   const Tensor s = row_scale.to(acc).expand({rows});
-  const Tensor A = s * ((1.0 - eps) * w_t + eps * inv_v * w_sum + 2.0 * z_loss * lse);
+  Tensor A = s * ((1.0 - eps) * w_t + 2.0 * z_loss * lse);
+  if (smoothing) A = A + s * (eps * inv_v) * w_sum;
   const Tensor C = s * (1.0 - eps) * w_t;
   Tensor g = A.unsqueeze(1) * (z - lse.unsqueeze(1)).exp();
-  if (eps != 0.0) {
+  if (smoothing) {
     const Tensor B = (s * (eps * inv_v)).unsqueeze(1);
     g = class_weight.has_value() ? g - B * class_weight->unsqueeze(0) : g - B;
   }

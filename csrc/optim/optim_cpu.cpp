@@ -248,6 +248,10 @@ void sgd_span_for_fit(double* p, const double* g, double* buf, int64_t n, bool f
 
 // bf16 / fp16: stage kStage elements at a time in float buffers, run the fp32 loop, round back.
 constexpr int64_t kStage = 256;
+// Where threads may split a tensor (FlatGroup::for_each_piece): a multiple of every SIMD width times
+// unroll (64 floats = four AVX-512 vectors) that divides kStage, so staging chunks keep the alignment.
+constexpr int64_t kSplitBlock = 64;
+static_assert(kStage % kSplitBlock == 0, "staging chunks must start at split-block multiples");
 
 template <typename S>
 FASTREG_INLINE void load_stage(float* dst, const S* src, int64_t n) {
@@ -342,6 +346,7 @@ class FlatGroup {
     TORCH_CHECK(is_float_dtype(dtype_), op, ": params must be float32, float64, bfloat16 or float16, got ", dtype_);
     ptrs_.resize(num_tensors_ * num_lists_);
     offsets_.resize(num_tensors_ + 1, 0);
+    block_offsets_.resize(num_tensors_ + 1, 0);
     for (int64_t i = 0; i < num_tensors_; ++i) {
       for (int64_t l = 0; l < num_lists_; ++l) {
         const TensorRefs& list = lists[l].second;
@@ -387,6 +392,7 @@ class FlatGroup {
         }
       }
       offsets_[i + 1] = offsets_[i] + p.numel();
+      block_offsets_[i + 1] = block_offsets_[i] + (p.numel() + kSplitBlock - 1) / kSplitBlock;
     }
   }
 
@@ -401,16 +407,25 @@ class FlatGroup {
 
   // Calls f(tensor, first_element, count) for every piece of every tensor, all of them inside
   // one parallel region that splits the concatenated elements evenly between threads.
+  //
+  // Threads split a tensor only at multiples of kSplitBlock elements counted from its start, so
+  // every piece but a tensor's last is a whole number of SIMD vectors (of any ISA, unrolled) and
+  // the vector loops' scalar tails, whose rounding can differ by an ulp (FMA contraction), fall on
+  // the same elements whatever the thread count: results are bitwise independent of it.
   template <typename F>
   void for_each_piece(F f) const {
-    const int64_t total = offsets_.back();
-    constexpr int64_t kGrain = 32768;
-    at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-      int64_t i = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
+    const int64_t total_blocks = block_offsets_.back();
+    constexpr int64_t kGrainBlocks = 32768 / kSplitBlock;
+    at::parallel_for(0, total_blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+      int64_t i = std::upper_bound(block_offsets_.begin(), block_offsets_.end(), begin) - block_offsets_.begin() - 1;
       while (begin < end) {
-        const int64_t stop = std::min(end, offsets_[i + 1]);
+        const int64_t stop = std::min(end, block_offsets_[i + 1]);
         if (stop < end) prefetch_head(i + 1);
-        if (stop > begin) f(i, begin - offsets_[i], stop - begin);
+        if (stop > begin) {
+          const int64_t first = (begin - block_offsets_[i]) * kSplitBlock;
+          const int64_t last = std::min((stop - block_offsets_[i]) * kSplitBlock, offsets_[i + 1] - offsets_[i]);
+          f(i, first, last - first);
+        }
         begin = stop;
         ++i;
       }
@@ -445,7 +460,8 @@ class FlatGroup {
   at::ScalarType dtype_ = at::kFloat;
   int64_t elem_size_ = 4;
   std::vector<char*> ptrs_;
-  std::vector<int64_t> offsets_;
+  std::vector<int64_t> offsets_;        // first element of tensor i in the concatenation
+  std::vector<int64_t> block_offsets_;  // the same in kSplitBlock units, each tensor rounded up
   std::vector<std::pair<at::Tensor, at::Tensor>> writeback_;
   std::vector<at::Tensor> keep_alive_;  // contiguous copies of read-only tensors
 };
@@ -773,7 +789,7 @@ std::vector<AdamStepScalars<T>> advance_steps(const Counters& counters, const Ad
       step = static_cast<T>(*c);
       if (sr_steps != nullptr) (*sr_steps)[i] = optim::sr_step_key(*c);
     }
-    out[i] = optim::adam_step_scalars(h, h.lr, step);
+    out[i] = optim::adam_step_scalars(h, h.lr_exact, step);
   }
   return out;
 }

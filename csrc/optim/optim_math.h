@@ -102,6 +102,9 @@ struct AdamHyper {
   T inv_grad_scale;
   bool decoupled;                        // AdamW
   bool maximize;
+  // The operator's lr and betas unrounded: the bias corrections are computed from them in double
+  // and rounded once, as torch.optim does on the host (1 - 0.9999f^t in float is 1e-4 off).
+  double lr_exact, beta1_exact, beta2_exact;
 };
 
 // From the operator's arguments (doubles, as torch.optim's Python computes 1 - beta).
@@ -119,10 +122,12 @@ inline AdamHyper<T> make_adam_hyper(double lr, double beta1, double beta2, doubl
   h.inv_grad_scale = static_cast<T>(inv_grad_scale);
   h.decoupled = decoupled;
   h.maximize = maximize;
+  h.lr_exact = lr, h.beta1_exact = beta1, h.beta2_exact = beta2;
   return h;
 }
 
-// What one tensor's update needs from its step count t (already incremented).
+// What one tensor's update needs from its step count t (already incremented); lr is h.lr_exact or
+// the value of a lr tensor.
 template <typename T>
 struct AdamStepScalars {
   T neg_step_size;   // -lr / (1 - beta1^t)
@@ -131,11 +136,12 @@ struct AdamStepScalars {
 };
 
 template <typename T>
-FASTREG_HD AdamStepScalars<T> adam_step_scalars(const AdamHyper<T>& h, T lr, T step) {
+FASTREG_HD AdamStepScalars<T> adam_step_scalars(const AdamHyper<T>& h, double lr, T step) {
   AdamStepScalars<T> s;
-  s.neg_step_size = -(lr / (T(1) - math_pow(h.beta1, step)));
-  s.bc2_sqrt = math_sqrt(T(1) - math_pow(h.beta2, step));
-  s.decay = h.decoupled ? T(1) - lr * h.weight_decay : T(1);
+  const double t = static_cast<double>(step);
+  s.neg_step_size = static_cast<T>(-(lr / (1.0 - math_pow(h.beta1_exact, t))));
+  s.bc2_sqrt = static_cast<T>(math_sqrt(1.0 - math_pow(h.beta2_exact, t)));
+  s.decay = h.decoupled ? T(1) - static_cast<T>(lr) * h.weight_decay : T(1);
   return s;
 }
 

@@ -237,7 +237,7 @@ FASTREG_SMALL_INLINE double ce_rows(const SmallCe<T>& a) {
     }
     const T lse = m + std::log(sum_exp);
     T sum_wz = 0;
-    if (eps != T(0))
+    if (lce_smoothing_used(eps))
       for (int64_t c = 0; c < V; ++c) sum_wz += (a.class_weight ? a.class_weight[c] : T(1)) * z[c];
     const T w_t = a.class_weight ? a.class_weight[t] : T(1);
     const T loss = lce_row_loss(lse, z[t], w_t, sum_wz, w_sum, eps, V, zl);
@@ -249,7 +249,7 @@ FASTREG_SMALL_INLINE double ce_rows(const SmallCe<T>& a) {
     const T inv_sum = T(1) / sum_exp;
     for (int64_t c = 0; c < V; ++c) {
       T g = k.A * p[c] * inv_sum;
-      if (k.B != T(0)) g -= k.B * (a.class_weight ? a.class_weight[c] : T(1));
+      if (lce_smoothing_used(eps)) g -= k.B * (a.class_weight ? a.class_weight[c] : T(1));
       if (c == t) g -= k.C;
       if (cap > T(0)) g *= softcap_grad_from_value(z[c], cap);
       p[c] = g;
