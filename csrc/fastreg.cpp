@@ -13,17 +13,12 @@
 //   fused optimizer steps                csrc/optim/optim_cpu.cpp   csrc/cuda/optim.cu          fastreg/optim/
 //   module fastreg._C (build info)       csrc/module.cpp (pybind11)                             fastreg/_C_loader.py
 //   _fit_epoch (fit() of linear models)  csrc/fit/fit.cpp           (none: CPU only)            fastreg/_fit.py
-//   _cpu_code_path (CPU ISA picked)      csrc/optim/optim_cpu.cpp   -                           fastreg/bench/common.py
 //
 // Importing `fastreg._C` loads this library, whose static initialisers register the operators
 // with the dispatcher.
 #include <torch/library.h>
 
-#include "common.h"
-
 TORCH_LIBRARY(fastreg, m) {
-  // Which CPU code the kernels run (x86-64 ISA clone or aarch64 NEON; "-serial" without OpenMP).
-  m.def("_cpu_code_path() -> str", &fastreg::cpu_code_path);
   // ---- fused linear -> softmax -> cross-entropy ---------------------------------------------
   // input (N, D), weight (V, D), target (N,) int64/int32, bias (V,), class_weight (V,).
   // reduction: 0 none, 1 mean, 2 sum. softcap <= 0 means off. output_mask: which of

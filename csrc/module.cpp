@@ -3,7 +3,8 @@
 // Importing the module loads the shared library, whose static initialisers register the operators
 // (TORCH_LIBRARY in csrc/fastreg.cpp); the functions here only describe the build:
 //   fastreg version, torch version of the headers it was compiled against, CUDA archs compiled,
-//   whether CUDA kernels are present, the CPU code path the kernels picked at load, OpenMP threads.
+//   whether CUDA kernels are present, the CPU code path the kernels picked at load
+//   (fastreg::cpu_code_path, csrc/optim/optim_cpu.cpp), OpenMP threads.
 // fastreg/_C_loader.py compares the torch version with the running torch and refuses a mismatch;
 // `python -m fastreg` prints the whole report.
 //
@@ -16,6 +17,8 @@
 
 #include <string>
 #include <vector>
+
+#include "common.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -60,22 +63,6 @@ std::vector<std::string> cuda_archs() {
   return archs;
 }
 
-// The instruction set the CPU kernels run: they are compiled as AVX-512 / AVX2 / baseline clones
-// (target_clones in csrc/lce/lce_cpu.cpp, explicit variants in csrc/optim/optim_cpu.cpp) and the
-// loader picks the best the CPU supports, in this order.
-std::string cpu_code_path() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return "AVX-512";
-  if (__builtin_cpu_supports("avx2")) return "AVX2";
-  return "baseline (x86-64)";
-#elif defined(__aarch64__)
-  return "baseline (aarch64)";
-#else
-  return "baseline";
-#endif
-}
-
 int openmp_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -99,7 +86,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_version", &torch_version_built, "torch version (major.minor.patch) of the headers it was compiled against");
   m.def("cuda_kernels_compiled", &cuda_kernels_compiled, "whether the CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled to real code, e.g. ['sm_80', 'sm_90']");
-  m.def("cpu_code_path", &cpu_code_path, "CPU kernels' instruction set picked at load: AVX-512, AVX2 or baseline");
+  m.def("cpu_code_path", &fastreg::cpu_code_path,
+        "CPU code the kernels picked at load, e.g. x86_64-avx512f, x86_64-avx2, x86_64-sse2, aarch64-neon "
+        "('-serial' without OpenMP)");
   m.def("openmp", [] {
 #ifdef _OPENMP
     return true;

@@ -33,12 +33,13 @@ def test_module_is_pybind11_and_reports_the_build():
     assert bool(archs) == _C.cuda_kernels_compiled()
     assert _C.openmp_threads() >= 1
     path = _C.cpu_code_path()
+    serial = "" if _C.openmp() else "-serial"
     if platform.machine() in ("x86_64", "AMD64"):
         flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-        expected = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "baseline (x86-64)"
-        assert path == expected
-    else:
-        assert path.startswith("baseline")
+        expected = "x86_64-avx512f" if "avx512f" in flags else "x86_64-avx2" if "avx2" in flags else "x86_64-sse2"
+        assert path == expected + serial
+    elif platform.machine() == "aarch64":
+        assert path == "aarch64-neon" + serial
 
 
 def test_build_info_and_summary():

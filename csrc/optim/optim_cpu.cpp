@@ -912,8 +912,8 @@ void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, tor
 
 }  // namespace optim_cpu
 
-// fastreg::_cpu_code_path (schema in csrc/fastreg.cpp): which CPU code the kernels run, picked at
-// load time, for benchmark provenance -- "<arch>-<vector ISA>", plus "-serial" for a build without
+// Which CPU code the kernels run, picked at load time (fastreg._C.cpu_code_path(): the build
+// report and benchmark provenance) -- "<arch>-<vector ISA>", plus "-serial" for a build without
 // OpenMP (at::parallel_for then runs on one thread).
 std::string cpu_code_path() {
 #if defined(FASTREG_X86_ISAS)

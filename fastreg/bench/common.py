@@ -83,13 +83,9 @@ def git_commit() -> str:
 def cpu_platform() -> str:
     """The machine's architecture and the CPU code path fastreg's kernels picked at load, e.g.
     "x86_64 / x86_64-avx512f" or "aarch64 / aarch64-neon" (csrc/optim/optim_cpu.cpp)."""
-    import fastreg  # noqa: F401  (loads the operators)
+    from fastreg import _C
 
-    try:
-        path = torch.ops.fastreg._cpu_code_path()
-    except (AttributeError, RuntimeError):  # a build older than the op
-        path = "unknown"
-    return f"{platform.machine()} / {path}"
+    return f"{platform.machine()} / {_C.cpu_code_path()}"
 
 
 def provenance(device: str) -> dict:
