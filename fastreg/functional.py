@@ -70,7 +70,8 @@ def _mse_backward_fake(grad_loss, input, weight, target, bias, output_mask):
 
 @torch.library.register_fake("fastreg::_lce_rows")
 def _lce_rows_fake(logits, target, class_weight, row_scale, ignore_index, label_smoothing, softcap, z_loss,
-                   write_grad, loss_rows):
+                   write_grad, loss_rows, target_probs=None, zloss_scale=None, lse_rows=None, argmax_rows=None,
+                   grad_filter_eps=0.0, block_keep=None):
     return None
 
 
