@@ -40,8 +40,8 @@ def leaves(case):
 
 def run(fn, case, **opts):
     """Loss and gradients (w.r.t. input, weight, bias) for a random upstream gradient."""
-    case = {k: (v.detach().clone().requires_grad_(v.is_floating_point() and k != "weight") if v is not None else None)
-            for k, v in case.items()}
+    grads = ("input", "linear_weight", "linear_bias")  # not class weights, not probability targets
+    case = {k: (v.detach().clone().requires_grad_(k in grads) if v is not None else None) for k, v in case.items()}
     loss = fn(case["input"], case["linear_weight"], case["target"], linear_bias=case["linear_bias"],
               weight=case["weight"], **opts)
     up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(loss)

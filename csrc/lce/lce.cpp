@@ -260,10 +260,12 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
                        Tensor& gw_acc, bool want_gi, bool want_gw) {
   const Tensor keep = keep_dev.cpu();  // one device sync per chunk on CUDA (documented)
   const int64_t tiles = keep.size(0), blocks = keep.size(1), rows = logits.size(0);
+  // the row pass's tiling: tile height ceil(rows / tiles), block width ceil(V / blocks)
+  const int64_t th = (rows + tiles - 1) / tiles, bw = (p.V + blocks - 1) / blocks;
   const uint8_t* k = keep.const_data_ptr<uint8_t>();
   const bool direct = gw_acc.scalar_type() == logits.scalar_type();
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t t0 = t * kFilterTileRows, tn = std::min(kFilterTileRows, rows - t0);
+    const int64_t t0 = t * th, tn = std::min(th, rows - t0);
     if (tn <= 0) break;
     const Tensor lt = logits.narrow(0, t0, tn), xt = xc.narrow(0, t0, tn);
     Tensor git = want_gi ? gi.narrow(0, t0, tn) : Tensor();
@@ -272,7 +274,7 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
       if (!k[t * blocks + b]) { ++b; continue; }
       int64_t e = b;
       while (e < blocks && k[t * blocks + e]) ++e;
-      const int64_t c0 = b * kFilterBlockCols, cn = std::min(e * kFilterBlockCols, p.V) - c0;
+      const int64_t c0 = b * bw, cn = std::min(e * bw, p.V) - c0;
       b = e;
       const Tensor lb = lt.narrow(1, c0, cn);
       if (want_gi) {
