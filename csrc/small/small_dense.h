@@ -349,19 +349,23 @@ FASTREG_SMALL_INLINE double ce_rows_tiled(const SmallCe<T>& a) {
       const T s = a.row_scale ? a.row_scale[i] : a.scale;
       const LceGradCoefs<T> k = lce_grad_coefs(s, lse, w_t, w_sum, eps, V, zl);
       const T a_over_sum = k.A / sum_exp;
+      // The gradient goes straight into z, in one vector loop with the target's term (a scalar
+      // store into a vector just written stalls its reload); smoothing and softcap need z intact,
+      // so they work in p and copy. Lanes >= V are never read by the backward.
+      const bool in_place = !lce_smoothing_used(eps) && !(cap > T(0));
+      T* g = in_place ? z : p;
       if constexpr (all_lanes) {
 #pragma omp simd
-        for (int64_t c = 0; c < P; ++c) p[c] *= a_over_sum;
+        for (int64_t c = 0; c < P; ++c) g[c] = a_over_sum * p[c] - (c == t ? k.C : T(0));
       } else {
-        for (int64_t c = 0; c < V; ++c) p[c] *= a_over_sum;
+        for (int64_t c = 0; c < V; ++c) g[c] = a_over_sum * p[c] - (c == t ? k.C : T(0));
       }
-      p[t] -= k.C;
+      if (in_place) continue;
       if (lce_smoothing_used(eps))
         for (int64_t c = 0; c < V; ++c) p[c] -= k.B * (a.class_weight ? a.class_weight[c] : T(1));
       if (cap > T(0))
         for (int64_t c = 0; c < V; ++c) p[c] *= softcap_grad_from_value(z[c], cap);
-      // lanes >= V are never read by the backward
-      std::memcpy(z, p, sizeof(T) * (all_lanes ? P : V));
+      for (int64_t c = 0; c < V; ++c) z[c] = p[c];
     }
   };
   tiled_rows<T, VB>(a, active, rows_done);
