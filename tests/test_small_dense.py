@@ -13,8 +13,10 @@ import fastreg
 from fastreg.reference import linear_cross_entropy_reference
 
 # (N, D, V): N around multiples of the 4-row tile, V around the 16-lane class vectors, D around the
-# 16-lane feature blocks
-TILE_SHAPES = [(1, 1, 1), (3, 5, 2), (5, 17, 15), (9, 16, 16), (7, 33, 17), (13, 15, 33), (6, 40, 48), (11, 31, 64)]
+# 16-lane feature blocks; the last two are wide enough (padded W^T > 2^16 elements) for the logits
+# as dot products over the features
+TILE_SHAPES = [(1, 1, 1), (3, 5, 2), (5, 17, 15), (9, 16, 16), (7, 33, 17), (13, 15, 33), (6, 40, 48), (11, 31, 64),
+               (9, 4100, 3), (6, 5001, 17)]
 
 
 def _leaves(*tensors):
@@ -92,8 +94,8 @@ def test_ce_tiles_fp32_close_to_fp64(shape):
 
 
 def test_ce_all_rows_ignored_and_nan_in_ignored_rows():
-    """Every active row in the first tile ignored: no tile is formed from them, and an ignored row's
-    NaN features never reach grad_W (a padded tile reads a zero row, not a real one)."""
+    """Ignored rows never enter a tile: an ignored row's NaN features never reach grad_W, and the
+    lone active row makes a padded tile (padding rows repeat it with a zero gradient)."""
     x, w, b, t = _ce_case(10, 20, 5)
     t[:] = -100
     t[7] = 2
