@@ -48,6 +48,19 @@
 // all-zero gradient row; their logits are never read and the target is never used as an index.
 // A NaN logit makes the row's max, loss and gradient NaN (nan_max, as the CPU kernel).
 // The op never synchronises with the host; rows == 0 launches nothing.
+//
+// Optional arguments (schema: csrc/fastreg.cpp), computed by the same two passes:
+//   target_probs  probability targets: every row active; pass 1 also accumulates Q = sum_c w_c q'_c and
+//                 S = sum_c w_c q'_c (z_c - m) online (S re-referenced when the running max m moves,
+//                 Stats/combine), pass 2 re-reads q_c; formulas lce_math.h (lce_soft_row_loss).
+//   zloss_scale   read on the device (one element) and multiplied into the z-loss coefficient.
+//   lse_rows, argmax_rows  stored with the loss; the first-maximum index travels in the row
+//                 statistics (per thread in column order, then the smallest index among the parts
+//                 that hold the max; NaN counts as the maximum like torch.argmax).
+//   block_keep    pass 2 marks (volatile, idempotent store of 1) the (tile, block) of every written
+//                 entry with |g| > grad_filter_eps or NaN, tested on the value as stored.
+// The softcap is lce_math.h's softcap_tanh and its derivative softcap_grad_from_input (from the raw
+// logit, precise where tanh saturates), as in the CPU kernel.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
@@ -223,11 +236,6 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
                    std::optional<Tensor> lse_rows, std::optional<Tensor> argmax_rows, double grad_filter_eps,
                    std::optional<Tensor> block_keep) {
   auto given = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
-  STD_TORCH_CHECK(!given(target_probs) && !given(zloss_scale) && !given(lse_rows) && !given(argmax_rows) &&
-                      !given(block_keep),
-                  "fastreg::_lce_rows (CUDA): target_probs, zloss_scale, lse_rows, argmax_rows and block_keep are "
-                  "not implemented yet in the CUDA row pass");
-  (void)grad_filter_eps;
   STD_TORCH_CHECK(logits.is_cuda(), "fastreg::_lce_rows (CUDA): logits must be a CUDA tensor");
   STD_TORCH_CHECK(logits.dim() == 2, "fastreg::_lce_rows: logits must be 2-D (rows, V)");
   STD_TORCH_CHECK(logits.is_contiguous(), "fastreg::_lce_rows: logits must be contiguous");
@@ -236,10 +244,61 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
   const int32_t dev = logits.get_device_index();
   auto same_device = [&](const Tensor& x) { return x.is_cuda() && x.get_device_index() == dev; };
 
-  STD_TORCH_CHECK(same_device(target) && target.numel() == rows && target.is_contiguous(),
-                  "fastreg::_lce_rows: target must be a contiguous (rows,) tensor on the logits' device");
+  const bool soft = given(target_probs);
   const ScalarType tt = target.scalar_type();
-  STD_TORCH_CHECK(tt == ScalarType::Long || tt == ScalarType::Int, "fastreg::_lce_rows: target must be int64 or int32");
+  if (soft) {  // `target` is not read
+    const Tensor& q = *target_probs;
+    STD_TORCH_CHECK(same_device(q) && q.dim() == 2 && q.size(0) == rows && q.size(1) == V && q.is_contiguous() &&
+                        q.scalar_type() == logits.scalar_type(),
+                    "fastreg::_lce_rows: target_probs must be a contiguous (rows, V) tensor of the logits' dtype on "
+                    "the logits' device");
+    STD_TORCH_CHECK(V > 0 || rows == 0, "fastreg::_lce_rows: probability targets need at least one class");
+  } else {
+    STD_TORCH_CHECK(same_device(target) && target.numel() == rows && target.is_contiguous(),
+                    "fastreg::_lce_rows: target must be a contiguous (rows,) tensor on the logits' device");
+    STD_TORCH_CHECK(tt == ScalarType::Long || tt == ScalarType::Int,
+                    "fastreg::_lce_rows: target must be int64 or int32");
+  }
+  const void* zs_ptr = nullptr;
+  bool zs64 = false;
+  if (given(zloss_scale)) {
+    STD_TORCH_CHECK(same_device(*zloss_scale) && zloss_scale->numel() == 1 && is_real(zloss_scale->scalar_type()),
+                    "fastreg::_lce_rows: zloss_scale must be a one-element float32/float64 tensor on the logits' "
+                    "device");
+    zs_ptr = zloss_scale->const_data_ptr();
+    zs64 = zloss_scale->scalar_type() == ScalarType::Double;
+  }
+  void* lse_ptr = nullptr;
+  bool lse64 = false;
+  if (given(lse_rows)) {
+    STD_TORCH_CHECK(same_device(*lse_rows) && lse_rows->numel() == rows && lse_rows->is_contiguous() &&
+                        is_real(lse_rows->scalar_type()),
+                    "fastreg::_lce_rows: lse_rows must be a contiguous float32/float64 (rows,) tensor on the logits' "
+                    "device");
+    lse_ptr = lse_rows->mutable_data_ptr();
+    lse64 = lse_rows->scalar_type() == ScalarType::Double;
+  }
+  int64_t* argmax_ptr = nullptr;
+  if (given(argmax_rows)) {
+    STD_TORCH_CHECK(same_device(*argmax_rows) && argmax_rows->numel() == rows && argmax_rows->is_contiguous() &&
+                        argmax_rows->scalar_type() == ScalarType::Long,
+                    "fastreg::_lce_rows: argmax_rows must be a contiguous int64 (rows,) tensor on the logits' device");
+    argmax_ptr = static_cast<int64_t*>(argmax_rows->mutable_data_ptr());
+  }
+  uint8_t* keep_ptr = nullptr;
+  int64_t row_tiles = 1, num_blocks = 1;
+  if (given(block_keep)) {
+    const Tensor& bk = *block_keep;
+    STD_TORCH_CHECK(write_grad, "fastreg::_lce_rows: block_keep needs write_grad (it describes the written gradient)");
+    STD_TORCH_CHECK(grad_filter_eps >= 0, "fastreg::_lce_rows: grad_filter_eps must be >= 0");
+    STD_TORCH_CHECK(same_device(bk) && bk.dim() == 2 && bk.scalar_type() == ScalarType::Byte && bk.is_contiguous() &&
+                        bk.size(0) >= 1 && bk.size(1) >= 1,
+                    "fastreg::_lce_rows: block_keep must be a contiguous uint8 (row_tiles, num_blocks) tensor on the "
+                    "logits' device, both >= 1");
+    keep_ptr = static_cast<uint8_t*>(bk.mutable_data_ptr());
+    row_tiles = bk.size(0);
+    num_blocks = bk.size(1);
+  }
   STD_TORCH_CHECK(same_device(loss_rows) && loss_rows.numel() == rows && loss_rows.is_contiguous() &&
                       is_real(loss_rows.scalar_type()),
                   "fastreg::_lce_rows: loss_rows must be a contiguous float32/float64 (rows,) tensor on the logits' "
@@ -264,7 +323,18 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
 
   RowArgs a{};
   a.logits = logits.mutable_data_ptr();
-  a.target = target.const_data_ptr();
+  a.target = soft ? nullptr : target.const_data_ptr();
+  a.probs = soft ? target_probs->const_data_ptr() : nullptr;
+  a.zloss_scale = zs_ptr;
+  a.zscale_f64 = zs64;
+  a.lse = lse_ptr;
+  a.lse_f64 = lse64;
+  a.argmax = argmax_ptr;
+  a.keep = keep_ptr;
+  a.keep_eps = grad_filter_eps;
+  a.tile_h = (rows + row_tiles - 1) / row_tiles;
+  a.block_w = V > 0 ? (V + num_blocks - 1) / num_blocks : 1;
+  a.num_blocks = num_blocks;
   a.weight = wptr;
   a.scale = row_scale.const_data_ptr();
   a.loss = loss_rows.mutable_data_ptr();
@@ -276,7 +346,7 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
   a.softcap = softcap;
   a.zloss = z_loss;
   a.K = 1;
-  a.target_i32 = tt == ScalarType::Int;
+  a.target_i32 = !soft && tt == ScalarType::Int;
   a.weight_f64 = w64;
   a.scale_f64 = row_scale.scalar_type() == ScalarType::Double;
   a.loss_f64 = loss_rows.scalar_type() == ScalarType::Double;

@@ -33,8 +33,6 @@ __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
-__device__ __forceinline__ float dtanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double dtanh(double x) { return tanh(x); }
 
 // 16 bytes of T, moved as one 128-bit access.
 template <typename T>
@@ -74,6 +72,16 @@ struct RowArgs {
   double softcap;  // <= 0: off
   double zloss;
   int K;  // CTAs per row (cluster size, 1 without a cluster)
+  // optional inputs/outputs of the schema (nullptr: absent)
+  const void* probs;        // (rows, V) class-probability targets, dtype T; then `target` is not read
+  const void* zloss_scale;  // one element, float32/float64 (zscale_f64): multiplies the z-loss term
+  void* lse;                // (rows,) float32/float64 (lse_f64): each row's log-sum-exp, 0 if ignored
+  int64_t* argmax;          // (rows,): first maximum of each row, -1 if ignored
+  uint8_t* keep;            // (row_tiles, num_blocks) block map of |g| > keep_eps (or NaN)
+  double keep_eps;
+  int64_t tile_h, block_w, num_blocks;
+  bool zscale_f64;
+  bool lse_f64;
   bool target_i32;
   bool weight_f64;
   bool scale_f64;
@@ -82,12 +90,19 @@ struct RowArgs {
 };
 
 template <typename A>
-__device__ __forceinline__ void store_loss(const RowArgs& a, int64_t r, A v) {
-  if (a.loss_f64) {
-    static_cast<double*>(a.loss)[r] = static_cast<double>(v);
+__device__ __forceinline__ void store_real(void* p, bool f64, int64_t r, A v) {
+  if (f64) {
+    static_cast<double*>(p)[r] = static_cast<double>(v);
   } else {
-    static_cast<float*>(a.loss)[r] = static_cast<float>(v);
+    static_cast<float*>(p)[r] = static_cast<float>(v);
   }
+}
+// The per-row outputs, written by one thread of the row group.
+template <typename A>
+__device__ __forceinline__ void store_row_outputs(const RowArgs& a, int64_t r, A loss, A lse, int64_t idx) {
+  store_real(a.loss, a.loss_f64, r, loss);
+  if (a.lse) store_real(a.lse, a.lse_f64, r, lse);
+  if (a.argmax) a.argmax[r] = idx;
 }
 
 template <typename A>
@@ -98,11 +113,36 @@ __device__ __forceinline__ A load_real(const void* p, bool f64, int64_t i) {
 // Per-thread / per-CTA partial statistics of one row.
 template <typename A>
 struct Stats {
-  A m;     // running max of z
-  A s;     // sum exp(z - m)
-  A swz;   // sum w_c z_c   (label smoothing only)
-  A wsum;  // sum w_c       (label smoothing with class weights only)
+  A m;          // running max of z
+  A s;          // sum exp(z - m)
+  A swz;        // sum w_c z_c   (label smoothing only)
+  A wsum;       // sum w_c       (label smoothing with class weights only)
+  A q;          // Q = sum w_c q'_c            (probability targets only)
+  A qz;         // S = sum w_c q'_c (z_c - ref(m))   (probability targets only; lce_math.h)
+  int64_t idx;  // index of the first maximum (-1: no element seen yet)
 };
+
+template <typename A>
+__device__ __forceinline__ Stats<A> empty_stats() {
+  return Stats<A>{-std::numeric_limits<A>::infinity(), A(0), A(0), A(0), A(0), A(0), int64_t(-1)};
+}
+
+// The reference point of S: the max, or 0 while every value seen is -inf (keeps S finite).
+template <typename A>
+__device__ __forceinline__ A qz_ref(A m) {
+  return m == -std::numeric_limits<A>::infinity() ? A(0) : m;
+}
+
+// Whether the first maximum moves from (m, idx) to a later candidate value x: larger, or the first
+// NaN (NaN counts as the maximum, like torch.argmax), or nothing seen yet.
+template <typename A>
+__device__ __forceinline__ bool takes_max(A m, int64_t idx, A x) {
+  return idx < 0 || x > m || (x != x && m == m);
+}
+template <typename A>
+__device__ __forceinline__ bool at_max(A x, A m) {
+  return m != m ? x != x : x == m;
+}
 
 template <typename A>
 __device__ __forceinline__ A rescale(A s, A m_old, A m_new) {
@@ -117,6 +157,12 @@ __device__ __forceinline__ Stats<A> combine(const Stats<A>& a, const Stats<A>& b
   r.s = rescale(a.s, a.m, r.m) + rescale(b.s, b.m, r.m);
   r.swz = a.swz + b.swz;
   r.wsum = a.wsum + b.wsum;
+  r.q = a.q + b.q;
+  const A ref = qz_ref(r.m);
+  r.qz = (a.qz + a.q * (qz_ref(a.m) - ref)) + (b.qz + b.q * (qz_ref(b.m) - ref));
+  // the smallest first-maximum index among the parts holding the max (parts are disjoint)
+  const bool ta = a.idx >= 0 && at_max(a.m, r.m), tb = b.idx >= 0 && at_max(b.m, r.m);
+  r.idx = ta && tb ? (a.idx < b.idx ? a.idx : b.idx) : (ta ? a.idx : (tb ? b.idx : int64_t(-1)));
   return r;
 }
 
@@ -129,6 +175,9 @@ __device__ __forceinline__ Stats<A> warp_reduce(Stats<A> v) {
     o.s = __shfl_xor_sync(0xffffffffu, v.s, off);
     o.swz = __shfl_xor_sync(0xffffffffu, v.swz, off);
     o.wsum = __shfl_xor_sync(0xffffffffu, v.wsum, off);
+    o.q = __shfl_xor_sync(0xffffffffu, v.q, off);
+    o.qz = __shfl_xor_sync(0xffffffffu, v.qz, off);
+    o.idx = __shfl_xor_sync(0xffffffffu, v.idx, off);
     v = combine(v, o);
   }
   return v;
@@ -144,8 +193,7 @@ __device__ __forceinline__ Stats<A> block_reduce(Stats<A> v, Stats<A>* scratch /
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    const A ninf = -std::numeric_limits<A>::infinity();
-    Stats<A> w = lane < nwarps ? scratch[lane] : Stats<A>{ninf, A(0), A(0), A(0)};
+    Stats<A> w = lane < nwarps ? scratch[lane] : empty_stats<A>();
     w = warp_reduce(w);
     if (lane == 0) scratch[32] = w;
   }
@@ -153,23 +201,62 @@ __device__ __forceinline__ Stats<A> block_reduce(Stats<A> v, Stats<A>* scratch /
   return scratch[32];
 }
 
-// Online update with one element (head/tail scalars).
-template <typename A>
-__device__ __forceinline__ void accumulate1(Stats<A>& st, A z, A w, bool need_sum) {
-  const A mn = fastreg::nan_max(st.m, z);
-  if (mn != -std::numeric_limits<A>::infinity()) {
-    st.s = rescale(st.s, st.m, mn) + dexp(z - mn);
-    st.m = mn;
+// Online update with n consecutive elements z[0..n) of columns c0.. (weights w, weighted smoothed
+// target probabilities wq when soft): the max and its first index, sum exp, and the sums.
+template <typename A, int N>
+__device__ __forceinline__ void accumulate(Stats<A>& st, const A (&z)[N], const A (&w)[N], const A (&wq)[N], int n,
+                                           int64_t c0, bool need_sum, bool soft) {
+  A lm = z[0];
+  int li = 0;
+#pragma unroll
+  for (int i = 1; i < N; ++i)
+    if (i < n && takes_max(lm, 0, z[i])) {
+      lm = z[i];
+      li = i;
+    }
+  const bool take = takes_max(st.m, st.idx, lm);
+  const A mn = take ? lm : st.m;  // == nan_max(st.m, lm)
+  if (take) st.idx = c0 + li;
+  if (soft) {
+    const A ref = qz_ref(mn);
+    A q = A(0), qz = st.qz + st.q * (qz_ref(st.m) - ref);
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (i < n) {
+        q += wq[i];
+        qz += wq[i] * (z[i] - ref);
+      }
+    st.q += q;
+    st.qz = qz;
   }
+  if (mn != -std::numeric_limits<A>::infinity()) {
+    A acc = rescale(st.s, st.m, mn);
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (i < n) acc += dexp(z[i] - mn);
+    st.s = acc;
+  }
+  st.m = mn;
   if (need_sum) {
-    st.swz += w * z;
-    st.wsum += w;
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (i < n) {
+        st.swz += w[i] * z[i];
+        st.wsum += w[i];
+      }
   }
 }
 
+// The softcap: cap * tanh(a / cap) by lce_math.h's softcap_tanh (fp32: ~1 ulp also for small |a / cap|).
 template <typename A>
 __device__ __forceinline__ A apply_softcap(A a, A cap, bool capped) {
-  return capped ? cap * dtanh(a / cap) : a;
+  return capped ? cap * fastreg::softcap_tanh(a / cap) : a;
+}
+
+// block_keep: mark (relaxed, idempotent store of 1) the block of column c in this row's tile.
+__device__ __forceinline__ void mark_block(uint8_t* keep_row, int64_t block) {
+  volatile uint8_t* p = keep_row + block;
+  if (*p == 0) *p = 1;
 }
 
 // Row geometry: scalar head [0, head), vectors [head, head + nvec*VEC), scalar tail up to V.
@@ -225,12 +312,14 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     const bool first = rank == 0;
     const bool last = rank == K - 1;
 
-    const int64_t t = args.target_i32 ? static_cast<int64_t>(static_cast<const int32_t*>(args.target)[r])
-                                      : static_cast<const int64_t*>(args.target)[r];
-    const bool active = fastreg::lce_target_active(t, args.ignore_index, V);
+    const bool soft = args.probs != nullptr;  // probability targets: every row active, no class index
+    const int64_t t = soft ? int64_t(-1)
+                           : (args.target_i32 ? static_cast<int64_t>(static_cast<const int32_t*>(args.target)[r])
+                                              : static_cast<const int64_t*>(args.target)[r]);
+    const bool active = soft || fastreg::lce_target_active(t, args.ignore_index, V);
 
     if (!active) {  // uniform over the whole row group: no barrier is skipped by part of it
-      if (first && tid == 0) store_loss(args, r, A(0));
+      if (first && tid == 0) store_row_outputs(args, r, A(0), A(0), int64_t(-1));
       if (args.write_grad) {
         Pack<T> zero;
 #pragma unroll
@@ -245,17 +334,20 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     const bool capped = args.softcap > 0.0;
     const A cap = static_cast<A>(capped ? args.softcap : 1.0);
     const A eps = static_cast<A>(args.eps);
-    const bool need_sum = fastreg::lce_smoothing_used(args.eps);  // else no w_c with c != t is read
+    const bool need_sum = !soft && fastreg::lce_smoothing_used(args.eps);  // else no w_c, c != t, is read
     const void* wptr = args.weight;
     const bool wf64 = args.weight_f64;
     auto weight_at = [&](int64_t c) -> A { return wptr ? load_real<A>(wptr, wf64, c) : A(1); };
+    const T* qrow = soft ? static_cast<const T*>(args.probs) + r * V : nullptr;  // same alignment as row
+    const A inv_v = A(1) / static_cast<A>(V);
+    // w_c q'_c of a probability target (lce_math.h)
+    auto wq_of = [&](A q, int64_t c) -> A { return weight_at(c) * fastreg::lce_smoothed_prob(q, eps, inv_v); };
 
     // Target logit: read before any barrier, hence before any write to this row.
-    const A z_t = apply_softcap(to_acc(row[t]), cap, capped);
+    const A z_t = soft ? A(0) : apply_softcap(to_acc(row[t]), cap, capped);
 
     Pack<T>* cache = dynamic_smem<Pack<T>>();  // CACHED: this CTA's slice of the row
-    const A ninf = -std::numeric_limits<A>::infinity();
-    Stats<A> st{ninf, A(0), A(0), A(0)};
+    Stats<A> st = empty_stats<A>();
 
     // ---- pass 1: stream the slice once ----
     const int64_t stride = static_cast<int64_t>(nthreads) * kUnroll;
@@ -271,40 +363,39 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
         const int64_t v = base + static_cast<int64_t>(u) * nthreads;
         if (v < sp.v1) {
           if constexpr (CACHED) cache[v - sp.v0] = pk[u];
-          A z[VEC];
-          A lm = ninf;
+          const int64_t c0 = sp.head + v * VEC;
+          A z[VEC], w[VEC], wq[VEC];
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
             z[i] = apply_softcap(to_acc(pk[u].v[i]), cap, capped);
-            lm = fastreg::nan_max(lm, z[i]);
+            w[i] = need_sum ? weight_at(c0 + i) : A(1);
+            wq[i] = A(0);
           }
-          const A mn = fastreg::nan_max(st.m, lm);
-          if (mn != ninf) {
-            A acc = rescale(st.s, st.m, mn);
+          if (soft) {
+            const Pack<T> qp = load_pack(qrow + c0);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) acc += dexp(z[i] - mn);
-            st.s = acc;
-            st.m = mn;
+            for (int i = 0; i < VEC; ++i) wq[i] = wq_of(to_acc(qp.v[i]), c0 + i);
           }
-          if (need_sum) {
-            const int64_t c0 = sp.head + v * VEC;
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-              const A w = weight_at(c0 + i);
-              st.swz += w * z[i];
-              st.wsum += w;
-            }
-          }
+          accumulate(st, z, w, wq, VEC, c0, need_sum, soft);
         }
       }
     }
+    auto scalar_element = [&](int64_t c) {
+      const A z1[1] = {apply_softcap(to_acc(row[c]), cap, capped)};
+      const A w1[1] = {need_sum ? weight_at(c) : A(1)};
+      const A wq1[1] = {soft ? wq_of(to_acc(qrow[c]), c) : A(0)};
+      accumulate(st, z1, w1, wq1, 1, c, need_sum, soft);
+    };
+    // the head precedes and the tail follows this thread's vectors: column order is kept for the argmax
+    Stats<A> head = empty_stats<A>();
     if (first && tid < sp.head) {
-      accumulate1(st, apply_softcap(to_acc(row[tid]), cap, capped), weight_at(tid), need_sum);
+      const Stats<A> body = st;
+      st = empty_stats<A>();
+      scalar_element(tid);
+      head = st;
+      st = combine(head, body);
     }
-    if (last && tid < V - sp.tail_start) {
-      const int64_t c = sp.tail_start + tid;
-      accumulate1(st, apply_softcap(to_acc(row[c]), cap, capped), weight_at(c), need_sum);
-    }
+    if (last && tid < V - sp.tail_start) scalar_element(sp.tail_start + tid);
 
     // ---- reduce: block, then (cluster) across the row group ----
     Stats<A> tot = block_reduce(st, scratch);
@@ -326,14 +417,20 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
 #endif
     }
 
-    const A lse = tot.m + dlog(tot.s);
-    const A w_t = weight_at(t);
+    const A lse = qz_ref(tot.m) + dlog(tot.s);
+    const A w_t = soft ? A(1) : weight_at(t);
     const A w_sum = wptr ? tot.wsum : static_cast<A>(V);
-    const A zl = static_cast<A>(args.zloss);
+    const A zl = static_cast<A>(args.zloss) *
+                 (args.zloss_scale ? load_real<A>(args.zloss_scale, args.zscale_f64, 0) : A(1));
     if (first && tid == 0) {
-      const A loss = need_sum ? fastreg::lce_row_loss<A>(lse, z_t, w_t, tot.swz, w_sum, eps, V, zl)
-                              : fastreg::lce_row_loss<A>(lse, z_t, w_t, A(0), A(0), A(0), V, zl);
-      store_loss(args, r, loss);
+      A loss;
+      if (soft) {
+        loss = fastreg::lce_soft_row_loss<A>(lse, qz_ref(tot.m), tot.q, tot.qz, zl);
+      } else {
+        loss = need_sum ? fastreg::lce_row_loss<A>(lse, z_t, w_t, tot.swz, w_sum, eps, V, zl)
+                        : fastreg::lce_row_loss<A>(lse, z_t, w_t, A(0), A(0), A(0), V, zl);
+      }
+      store_row_outputs(args, r, loss, lse, tot.idx);
     }
     if (!args.write_grad) return;
 
@@ -341,13 +438,30 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     const A s_r = load_real<A>(args.scale, args.scale_f64, args.scale_stride * r);
     const fastreg::LceGradCoefs<A> coef =
         fastreg::lce_grad_coefs<A>(s_r, lse, w_t, need_sum ? w_sum : A(0), need_sum ? eps : A(0), V, zl);
+    const A coef_a = soft ? s_r * (tot.q + A(2) * zl * lse) : coef.A;
+    // raw logit a of column c (and its probability target) -> the gradient entry
     auto grad_of = [&](A a, int64_t c) -> A {
       const A z = apply_softcap(a, cap, capped);
-      A g = coef.A * dexp(z - lse);
-      if (need_sum) g -= coef.B * weight_at(c);
-      if (c == t) g -= coef.C;
-      if (capped) g *= fastreg::softcap_grad_from_value(z, cap);
+      A g = coef_a * dexp(z - lse);
+      if (soft) {
+        g -= s_r * wq_of(to_acc(qrow[c]), c);
+      } else {
+        if (need_sum) g -= coef.B * weight_at(c);
+        if (c == t) g -= coef.C;
+      }
+      if (capped) g *= fastreg::softcap_grad_from_input(a, cap);
       return g;
+    };
+    uint8_t* keep_row = args.keep ? args.keep + (r / args.tile_h) * args.num_blocks : nullptr;
+    const A keep_eps = static_cast<A>(args.keep_eps);
+    // block_keep tests the value as stored (after rounding to T)
+    auto store_grad = [&](T* dst, int64_t c, A g) {
+      const T out = from_acc<T>(g);
+      *dst = out;
+      if (keep_row) {
+        const A gs = to_acc(out);
+        if (!(gs <= keep_eps && -gs <= keep_eps)) mark_block(keep_row, c / args.block_w);
+      }
     };
 
     for (int64_t base = sp.v0 + tid; base < sp.v1; base += stride) {
@@ -372,14 +486,21 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
 #pragma unroll
           for (int i = 0; i < VEC; ++i) out.v[i] = from_acc<T>(grad_of(to_acc(pk[u].v[i]), c0 + i));
           store_pack(row + c0, out);
+          if (keep_row) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+              const A gs = to_acc(out.v[i]);
+              if (!(gs <= keep_eps && -gs <= keep_eps)) mark_block(keep_row, (c0 + i) / args.block_w);
+            }
+          }
         }
       }
     }
     // Scalars: each is read and then written by the same thread.
-    if (first && tid < sp.head) row[tid] = from_acc<T>(grad_of(to_acc(row[tid]), tid));
+    if (first && tid < sp.head) store_grad(row + tid, tid, grad_of(to_acc(row[tid]), tid));
     if (last && tid < V - sp.tail_start) {
       const int64_t c = sp.tail_start + tid;
-      row[c] = from_acc<T>(grad_of(to_acc(row[c]), c));
+      store_grad(row + c, c, grad_of(to_acc(row[c]), c));
     }
   }
 }

@@ -13,7 +13,7 @@
 // (round to nearest even, as torch's casts), no scalar scratch copy. With softcap the softcapped
 // fp32 values go to a per-thread row buffer (L1/L2-resident) and the raw logits stay in place: the
 // softcap derivative is taken from the raw logit (lce_math.h softcap_grad_from_input), accurate also
-// where tanh saturates. The vector code is compiled once per ISA (x86-64: AVX-512, AVX2, baseline;
+// where tanh saturates. The vector code is compiled once per ISA (x86-64: AVX-512 F/BW/VL, AVX2, baseline;
 // elsewhere, e.g. aarch64 NEON, once) and the ISA is picked once per process; the row loop of a
 // chunk slice is one call, with the option flags dispatched once per slice, not per row.
 // double rows (gradcheck, float64 users) use scalar libm maths.
@@ -34,7 +34,7 @@
 #include "lce/lce_math.h"
 
 #if defined(__x86_64__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace fastreg {
@@ -84,18 +84,23 @@ inline void ignored_row(const Chunk<A>& k, int64_t r) {
 // (lce_cpu_simd.h; x86-64: AVX-512, AVX2 and baseline, picked once at load; elsewhere one build)
 #if defined(FASTREG_X86_ISAS)
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_cvtph_ps (undefined pass-through)
 #endif
+#define FR_ISA_AVX512 1
 namespace isa_avx512 {
 #include "lce/lce_cpu_simd.h"
 }  // namespace isa_avx512
+#undef FR_ISA_AVX512
 #if defined(__clang__)
 #pragma clang attribute pop
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -121,7 +126,7 @@ struct RowsFns {
 const RowsFns& rows_fns() {
   static const RowsFns fns = [] {
 #if defined(FASTREG_X86_ISAS)
-    if (__builtin_cpu_supports("avx512f"))
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
       return RowsFns{isa_avx512::rows_float, isa_avx512::rows_bf16, isa_avx512::rows_half};
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
       return RowsFns{isa_avx2::rows_float, isa_avx2::rows_bf16, isa_avx2::rows_half};

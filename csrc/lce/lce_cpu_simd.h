@@ -41,6 +41,19 @@ FR_INLINE void narrow(c10::BFloat16* p, vf v) {
   const vh h = __builtin_convertvector(r, vh);
   std::memcpy(p, &h, sizeof(h));
 }
+#if defined(FR_ISA_AVX512)
+// AVX-512F's own conversions (vcvtph2ps / vcvtps2ph, round to nearest even; fp16 subnormals in and
+// out are exact, MXCSR's flush-to-zero does not apply to the fp16 side).
+FR_INLINE vf widen(const c10::Half* p) {
+  __m256i h;
+  std::memcpy(&h, p, sizeof(h));
+  return (vf)_mm512_cvtph_ps(h);
+}
+FR_INLINE void narrow(c10::Half* p, vf v) {
+  const __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  std::memcpy(p, &h, sizeof(h));
+}
+#else
 FR_INLINE vf widen(const c10::Half* p) {
   const vi h = __builtin_convertvector(load_h(p), vi);
   const vi sign = (h & 0x8000) << 16, em = h & 0x7fff;
@@ -62,11 +75,23 @@ FR_INLINE void narrow(c10::Half* p, vf v) {
   const vh h = __builtin_convertvector(r | sign, vh);
   std::memcpy(p, &h, sizeof(h));
 }
+#endif
 
 // Lanes [0, n) from p, the rest `fill` (n <= kW; a full vector is a plain load).
 template <typename S>
 FR_INLINE vf load_part(const S* p, int64_t n, float fill) {
   if (n == kW) return widen(p);
+#if defined(FR_ISA_AVX512)  // masked loads: the tail of a row costs what a full vector does
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (std::is_same_v<S, float>) {
+    return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask, p);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+    S tmp[kW];
+    std::memcpy(tmp, &h, sizeof(h));
+    return select(kLanes < splati(int32_t(n)), widen(tmp), splat(fill));
+  }
+#endif
   S tmp[kW] = {};
   for (int64_t i = 0; i < n; ++i) tmp[i] = p[i];
   return select(kLanes < splati(int32_t(n)), widen(tmp), splat(fill));
@@ -74,6 +99,18 @@ FR_INLINE vf load_part(const S* p, int64_t n, float fill) {
 template <typename S>
 FR_INLINE void store_part(S* p, vf v, int64_t n) {
   if (n == kW) return narrow(p, v);
+#if defined(FR_ISA_AVX512)
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm512_mask_storeu_ps(p, mask, (__m512)v);
+  } else {
+    S tmp[kW];
+    narrow(tmp, v);
+    __m256i h;
+    std::memcpy(&h, tmp, sizeof(h));
+    return _mm256_mask_storeu_epi16(p, mask, h);
+  }
+#endif
   S tmp[kW];
   narrow(tmp, v);
   for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
@@ -95,10 +132,21 @@ FR_INLINE vf as_stored(vf v) {
 // first-maximum index (argmax) follows the same blend. (A NaN-first form `... & (acc == acc)` gets
 // scalarised lane by lane by GCC 12 inside the target_clones function: 1.5x the whole pass.)
 FR_INLINE vi take_new_max(vf acc, vf x) { return (x > acc) | (x != x); }
+// NaN-propagating max of all lanes, as a shuffle tree (the per-row cost matters at small V).
+template <typename F, typename I>
+FR_INLINE F blend_max(F a, F b) {
+  const I t = (I)((b > a) | (b != b));
+  return (F)(((I)b & t) | ((I)a & ~t));
+}
 FR_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = nan_max(m, float(v[i]));
-  return m;
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  typedef int32_t i4 __attribute__((vector_size(16)));
+  const v8 h8 = blend_max<v8, i8>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  const v4 h4 = blend_max<v4, i4>(__builtin_shufflevector(h8, h8, 0, 1, 2, 3), __builtin_shufflevector(h8, h8, 4, 5, 6, 7));
+  return nan_max(nan_max(float(h4[0]), float(h4[2])), nan_max(float(h4[1]), float(h4[3])));
 }
 FR_INLINE float hsum(vf v) {
   // pairwise (lane i + lane i + 8, then + 4, ...), so the result does not depend on a long serial
@@ -148,11 +196,11 @@ FR_INLINE vf vexp(vf x) {
 FR_INLINE vf vtanh(vf x) {
   const vf ax = vabs(x);
   const vf u = x * x;
-  vf p = splat(kSoftcapTanhPoly[4]);
-  p = p * u + splat(kSoftcapTanhPoly[3]);
-  p = p * u + splat(kSoftcapTanhPoly[2]);
-  p = p * u + splat(kSoftcapTanhPoly[1]);
-  p = p * u + splat(kSoftcapTanhPoly[0]);
+  vf p = splat(kSoftcapTanhP4);
+  p = p * u + splat(kSoftcapTanhP3);
+  p = p * u + splat(kSoftcapTanhP2);
+  p = p * u + splat(kSoftcapTanhP1);
+  p = p * u + splat(kSoftcapTanhP0);
   const vf small = x + x * u * p;
   const vf e = vexp(splat(2.0f) * ax);
   const vf big = splat(1.0f) - splat(2.0f) / (e + splat(1.0f));

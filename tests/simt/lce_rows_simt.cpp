@@ -90,9 +90,27 @@ extern "C" int simt_lce_rows(const SimtLceCall* c, char* msg, int msg_len) {
     simt_harness::Staged scale(c->scale, static_cast<size_t>(c->scale_per_row ? rows : 1) * (c->scale_f64 ? 8 : 4),
                                false, "row_scale");
     simt_harness::Staged loss(c->loss, static_cast<size_t>(rows) * (c->loss_f64 ? 8 : 4), true, "loss_rows");
+    simt_harness::Staged probs(c->probs, c->probs ? static_cast<size_t>(rows * V) * elem : 0, false, "target_probs");
+    simt_harness::Staged zscale(c->zloss_scale, c->zscale_f64 ? 8 : 4, false, "zloss_scale");
+    simt_harness::Staged lse(c->lse, static_cast<size_t>(rows) * (c->lse_f64 ? 8 : 4), true, "lse_rows");
+    simt_harness::Staged argmax(c->argmax, static_cast<size_t>(rows) * 8, true, "argmax_rows");
+    simt_harness::Staged keep(c->keep, c->keep ? static_cast<size_t>(c->row_tiles * c->num_blocks) : 0, true,
+                              "block_keep");
     RowArgs a{};
     a.logits = logits.device();
-    a.target = target.device();
+    a.target = c->probs ? nullptr : target.device();
+    a.probs = probs.device();
+    a.zloss_scale = zscale.device();
+    a.zscale_f64 = c->zscale_f64 != 0;
+    a.lse = lse.device();
+    a.lse_f64 = c->lse_f64 != 0;
+    a.argmax = static_cast<int64_t*>(argmax.device());
+    a.keep = static_cast<uint8_t*>(keep.device());
+    a.keep_eps = c->keep_eps;
+    const int64_t tiles = c->keep ? c->row_tiles : 1, blocks = c->keep ? c->num_blocks : 1;
+    a.tile_h = (rows + tiles - 1) / tiles;
+    a.block_w = V > 0 ? (V + blocks - 1) / blocks : 1;
+    a.num_blocks = blocks;
     a.weight = weight.device();
     a.scale = scale.device();
     a.loss = loss.device();
@@ -104,7 +122,7 @@ extern "C" int simt_lce_rows(const SimtLceCall* c, char* msg, int msg_len) {
     a.softcap = c->softcap;
     a.zloss = c->z_loss;
     a.K = 1;
-    a.target_i32 = c->target_i32 != 0;
+    a.target_i32 = !c->probs && c->target_i32 != 0;
     a.weight_f64 = c->weight_f64 != 0;
     a.scale_f64 = c->scale_f64 != 0;
     a.loss_f64 = c->loss_f64 != 0;
@@ -139,6 +157,11 @@ extern "C" int simt_lce_rows(const SimtLceCall* c, char* msg, int msg_len) {
     weight.finish();
     scale.finish();
     loss.finish();
+    probs.finish();
+    zscale.finish();
+    lse.finish();
+    argmax.finish();
+    keep.finish();
     snprintf(msg, static_cast<size_t>(msg_len), "%s", name.c_str());
     return 0;
   } catch (const std::exception& e) {

@@ -1,7 +1,8 @@
 // Test-only torch operators torch.ops.fastreg_simt.*: fastreg's CUDA kernels executed by the CPU
 // SIMT runtime on CPU tensors (built by tests/simt/simt_build.py for tests/test_simt.py).
 //
-//   _lce_rows(<the arguments of fastreg::_lce_rows>, str device, str strategy, str schedule, int seed) -> str
+//   _lce_rows(<the first 10 arguments of fastreg::_lce_rows>, str device, str strategy, str schedule, int seed,
+//             <its 6 optional arguments>) -> str
 //       device: "h100" | "a100" (the planner's device description); strategy: "auto" (the plan
 //       of the real launcher) or a forced one ("single-cached", "cluster4-streaming", ...).
 //       Returns the strategy executed ("none" for zero rows).
@@ -49,14 +50,20 @@ void check_cpu(const Tensor& t, const char* name) {
 std::string lce_rows(Tensor logits, const Tensor& target, const std::optional<Tensor>& class_weight,
                      const Tensor& row_scale, int64_t ignore_index, double label_smoothing, double softcap,
                      double z_loss, bool write_grad, Tensor loss_rows, const std::string& device,
-                     const std::string& strategy, const std::string& schedule, int64_t seed) {
+                     const std::string& strategy, const std::string& schedule, int64_t seed,
+                     const std::optional<Tensor>& target_probs, const std::optional<Tensor>& zloss_scale,
+                     const std::optional<Tensor>& lse_rows, const std::optional<Tensor>& argmax_rows,
+                     double grad_filter_eps, const std::optional<Tensor>& block_keep) {
+  auto given = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
   check_cpu(logits, "logits");
-  check_cpu(target, "target");
+  const bool soft = given(target_probs);
+  if (!soft) check_cpu(target, "target");
   check_cpu(row_scale, "row_scale");
   check_cpu(loss_rows, "loss_rows");
   TORCH_CHECK(logits.dim() == 2, "fastreg_simt: logits must be 2-D");
   const int64_t rows = logits.size(0);
-  TORCH_CHECK(target.numel() == rows && loss_rows.numel() == rows, "fastreg_simt: target/loss_rows must have rows elements");
+  TORCH_CHECK((soft || target.numel() == rows) && loss_rows.numel() == rows,
+              "fastreg_simt: target/loss_rows must have rows elements");
   TORCH_CHECK(row_scale.numel() == 1 || row_scale.numel() == rows, "fastreg_simt: row_scale must have 1 or rows elements");
   SimtLceCall c{};
   c.logits = logits.data_ptr();
@@ -86,6 +93,40 @@ std::string lce_rows(Tensor logits, const Tensor& target, const std::optional<Te
   c.strategy = strategy.c_str();
   c.schedule = schedule.c_str();
   c.seed = static_cast<uint64_t>(seed);
+  if (soft) {
+    check_cpu(*target_probs, "target_probs");
+    TORCH_CHECK(target_probs->sizes() == logits.sizes() && target_probs->scalar_type() == logits.scalar_type(),
+                "fastreg_simt: target_probs must be (rows, V) of the logits' dtype");
+    c.probs = target_probs->const_data_ptr();
+    c.target = nullptr;
+  }
+  if (given(zloss_scale)) {
+    check_cpu(*zloss_scale, "zloss_scale");
+    TORCH_CHECK(zloss_scale->numel() == 1, "fastreg_simt: zloss_scale must have one element");
+    c.zloss_scale = zloss_scale->const_data_ptr();
+    c.zscale_f64 = is_f64(*zloss_scale);
+  }
+  if (given(lse_rows)) {
+    check_cpu(*lse_rows, "lse_rows");
+    TORCH_CHECK(lse_rows->numel() == rows, "fastreg_simt: lse_rows must have rows elements");
+    c.lse = lse_rows->data_ptr();
+    c.lse_f64 = is_f64(*lse_rows);
+  }
+  if (given(argmax_rows)) {
+    check_cpu(*argmax_rows, "argmax_rows");
+    TORCH_CHECK(argmax_rows->numel() == rows && argmax_rows->scalar_type() == c10::ScalarType::Long,
+                "fastreg_simt: argmax_rows must be int64 with rows elements");
+    c.argmax = argmax_rows->data_ptr();
+  }
+  if (given(block_keep)) {
+    check_cpu(*block_keep, "block_keep");
+    TORCH_CHECK(block_keep->dim() == 2 && block_keep->scalar_type() == c10::ScalarType::Byte,
+                "fastreg_simt: block_keep must be a 2-D uint8 tensor");
+    c.keep = block_keep->data_ptr();
+    c.row_tiles = block_keep->size(0);
+    c.num_blocks = block_keep->size(1);
+    c.keep_eps = grad_filter_eps;
+  }
   char msg[1024];
   TORCH_CHECK(simt_lce_rows(&c, msg, sizeof msg) == 0, "fastreg_simt._lce_rows: ", msg);
   return msg;
@@ -219,7 +260,9 @@ TORCH_LIBRARY(fastreg_simt, m) {
   m.def(
       "_lce_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor row_scale, int ignore_index, "
       "float label_smoothing, float softcap, float z_loss, bool write_grad, Tensor(b!) loss_rows, str device, "
-      "str strategy, str schedule, int seed) -> str",
+      "str strategy, str schedule, int seed, Tensor? target_probs=None, Tensor? zloss_scale=None, "
+      "Tensor(c!)? lse_rows=None, Tensor(d!)? argmax_rows=None, float grad_filter_eps=0.0, "
+      "Tensor(e!)? block_keep=None) -> str",
       &lce_rows);
   m.def("_lce_plan(str device, int rows, int V, ScalarType dtype, bool write_grad, str strategy) -> str", &lce_plan);
   m.def(

@@ -19,6 +19,15 @@ struct SimtLceCall {
   const char* strategy;  // "auto" | "single-cached" | ... | "cluster8-streaming"
   const char* schedule;  // "forward" | "reverse" | "shuffle"
   uint64_t seed;
+  // the optional arguments of _lce_rows (null / 0: absent)
+  const void* probs;        // (rows, V) of the logits' dtype
+  const void* zloss_scale;  // one float32/float64 element (zscale_f64)
+  void* lse;                // (rows,) float32/float64 (lse_f64)
+  void* argmax;             // (rows,) int64
+  void* keep;               // (row_tiles, num_blocks) uint8
+  int64_t row_tiles, num_blocks;
+  double keep_eps;
+  int32_t zscale_f64, lse_f64;
 };
 
 // One fused optimizer step over n tensors. ptrs[l * n + i]: list l of tensor i (Adam p, g, m, v[,

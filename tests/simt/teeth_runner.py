@@ -30,6 +30,10 @@ class SimtLceCall(ctypes.Structure):  # simt_harness.h
         ("write_grad", ctypes.c_int32),
         ("device", ctypes.c_char_p), ("strategy", ctypes.c_char_p), ("schedule", ctypes.c_char_p),
         ("seed", ctypes.c_uint64),
+        ("probs", ctypes.c_void_p), ("zloss_scale", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("argmax", ctypes.c_void_p), ("keep", ctypes.c_void_p), ("row_tiles", ctypes.c_int64),
+        ("num_blocks", ctypes.c_int64), ("keep_eps", ctypes.c_double), ("zscale_f64", ctypes.c_int32),
+        ("lse_f64", ctypes.c_int32),
     ]
 
 
