@@ -20,25 +20,36 @@
 
 TORCH_LIBRARY(fastreg, m) {
   // ---- fused linear -> softmax -> cross-entropy ---------------------------------------------
-  // input (N, D), weight (V, D), target (N,) int64/int32, bias (V,), class_weight (V,).
+  // input (N, D), weight (V, D), target (N,) int64/int32 or class probabilities (N, V) of input's
+  // dtype, bias (V,), class_weight (V,). grad_filter_eps > 0: the backward GEMMs skip vocabulary
+  // blocks whose |d loss_i / d z| stay below it. skip_ignored: -1 auto (CPU on, CUDA off), 0, 1 (on
+  // CUDA one host sync). return_stats: lse (N,) accumulate dtype, predictions (N,) int64; else empty.
   // reduction: 0 none, 1 mean, 2 sum. softcap <= 0 means off. output_mask: which of
   // (grad_input, grad_weight, grad_bias) to compute *in the forward* (scalar reductions only;
   // they come out scaled for a unit upstream gradient). Unrequested gradients are empty.
   m.def(
       "linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "int reduction, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
-      "bool[3] output_mask) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "bool[3] output_mask, float grad_filter_eps=0., int skip_ignored=-1, bool return_stats=False) "
+      "-> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor lse, Tensor predictions)");
   // The loss alone (composite over linear_cross_entropy): what the Python API calls, so one call
   // returns one tensor to Python.
   m.def(
       "_lce_loss(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, int reduction, "
-      "int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size) -> Tensor");
+      "int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
+      "float grad_filter_eps=0., int skip_ignored=-1) -> Tensor");
+  // The loss with each row's log-sum-exp and prediction (return_stats=True; composite as well).
+  m.def(
+      "_lce_loss_stats(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "int reduction, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
+      "float grad_filter_eps=0., int skip_ignored=-1) -> (Tensor loss, Tensor lse, Tensor predictions)");
   // Gradients for reduction='none' given the per-row upstream gradient grad_loss (N,): recomputes
   // the logits chunk by chunk.
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
       "Tensor? class_weight, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
-      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "bool[3] output_mask, float grad_filter_eps=0., int skip_ignored=-1) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Internal: the fused per-row pass over one chunk of logits (rows, V), contiguous. Writes each
   // row's loss (log-sum-exp, smoothing, z-loss included) into loss_rows and, if write_grad, the
   // gradient of the loss w.r.t. the (pre-softcap) logits in place, times row_scale (numel 1 or rows).

@@ -10,7 +10,7 @@ The operators themselves are ``torch.ops.fastreg.*`` (schemas in csrc/fastreg.cp
 """
 from ._version import __version__  # noqa: F401
 from ._C_loader import build_info, has_cuda_kernels  # noqa: F401  (loads the operator library first)
-from .functional import linear_cross_entropy, linear_mse_loss  # noqa: F401
+from .functional import LinearCrossEntropyStats, linear_cross_entropy, linear_mse_loss  # noqa: F401
 from . import nn  # noqa: F401
 from . import optim  # noqa: F401
 

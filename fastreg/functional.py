@@ -10,14 +10,14 @@ adds their fake (meta) implementations for torch.compile and the public function
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _C_loader  # noqa: F401  (registers torch.ops.fastreg)
 
-__all__ = ["linear_cross_entropy", "linear_mse_loss"]
+__all__ = ["linear_cross_entropy", "linear_mse_loss", "LinearCrossEntropyStats"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -40,19 +40,34 @@ def _fused_outputs_fake(input, weight, bias, none_shape, reduction, mask):
     return (loss,) + _grads_fake(input, weight, bias, mask if write else (False, False, False))
 
 
-@torch.library.register_fake("fastreg::linear_cross_entropy")
-def _lce_fake(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing, softcap, z_loss,
-              chunk_size, output_mask):
+def _lce_stats_fake(input, return_stats):
+    """(lse, predictions) of the fused cross-entropy: (*,) each, or empty."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    lead = input.shape[:-1] if return_stats else (0,)
+    return input.new_empty(lead, dtype=acc), input.new_empty(lead, dtype=torch.int64)
+
+
+def _lce_check_fake(input, weight, target):
     torch._check(input.dim() >= 1 and weight.dim() == 2 and input.shape[-1] == weight.shape[1],
                  lambda: f"fastreg.linear_cross_entropy: bad shapes input {tuple(input.shape)}, weight {tuple(weight.shape)}")
-    torch._check(tuple(target.shape) == tuple(input.shape[:-1]),
-                 lambda: "fastreg.linear_cross_entropy: target must have input's leading shape")
-    return _fused_outputs_fake(input, weight, bias, input.shape[:-1], reduction, output_mask)
+    lead = tuple(input.shape[:-1])
+    shape = tuple(target.shape)
+    torch._check(shape == lead or (target.dtype.is_floating_point and shape == lead + (weight.shape[0],)),
+                 lambda: "fastreg.linear_cross_entropy: target must have input's leading shape (class indices) "
+                         "or that plus (num_classes,) (class probabilities)")
+
+
+@torch.library.register_fake("fastreg::linear_cross_entropy")
+def _lce_fake(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing, softcap, z_loss,
+              chunk_size, output_mask, grad_filter_eps=0.0, skip_ignored=-1, return_stats=False):
+    _lce_check_fake(input, weight, target)
+    return _fused_outputs_fake(input, weight, bias, input.shape[:-1], reduction, output_mask) + \
+        _lce_stats_fake(input, return_stats)
 
 
 @torch.library.register_fake("fastreg::linear_cross_entropy_backward")
 def _lce_backward_fake(grad_loss, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap,
-                       z_loss, chunk_size, output_mask):
+                       z_loss, chunk_size, output_mask, grad_filter_eps=0.0, skip_ignored=-1):
     return _grads_fake(input, weight, bias, output_mask)
 
 
@@ -78,13 +93,59 @@ def _lce_rows_fake(logits, target, class_weight, row_scale, ignore_index, label_
 # The autograd formulas of fastreg::linear_cross_entropy and fastreg::linear_mse_loss are C++ kernels at the Autograd key
 # (csrc/lce/lce.cpp, csrc/mse/mse.cpp): one call from Python does validation, forward and the
 # gradients of scalar reductions. They refuse double backward (create_graph=True) with a clear error.
-# The loss-only composites (_lce_loss, _mse_loss) return one tensor to Python; the Autograd
+# The loss-only composites (_lce_loss, _mse_loss; _lce_loss_stats adds lse and predictions) return
+# one tensor (three) to Python; the Autograd
 # kernels add to their empty output_mask the gradients that autograd needs.
 _lce_loss = torch.ops.fastreg._lce_loss.default
+_lce_loss_stats = torch.ops.fastreg._lce_loss_stats.default
 _mse_loss = torch.ops.fastreg._mse_loss.default
 
 
 # --------------------------------------------------------------------------- public API
+class LinearCrossEntropyStats(NamedTuple):
+    """What trainers log, from the same pass over the logits as the loss (``return_stats=True``).
+
+    * ``lse``: ``(*)`` each row's log-sum-exp of the (softcapped) logits, float32 (float64 for
+      float64 input), detached; 0 for ignored rows.
+    * ``predictions``: ``(*)`` int64, each row's argmax class (the first maximum); -1 for ignored rows.
+    * ``accuracy``: 0-d float32, the mean over non-ignored rows of ``predictions == target`` (for
+      class-probability targets: the target's argmax); nan when every row is ignored.
+    """
+
+    lse: Tensor
+    predictions: Tensor
+    accuracy: Tensor
+
+
+def _filter_eps(grad_filter_eps, dtype) -> float:
+    if grad_filter_eps is None:
+        return 0.0
+    if isinstance(grad_filter_eps, str):
+        if grad_filter_eps != "auto":
+            raise ValueError(f"fastreg.linear_cross_entropy: grad_filter_eps must be a float > 0, 'auto' or None, "
+                             f"got {grad_filter_eps!r}")
+        # the rounding unit of the dtype's gradients, / 32 (as Apple's cut-cross-entropy): a skipped
+        # entry is below 1/32 of an ulp of a gradient of order 1
+        return torch.finfo(dtype).eps / 32 if dtype in (torch.bfloat16, torch.float16, torch.float32) else 0.0
+    if isinstance(grad_filter_eps, bool) or not float(grad_filter_eps) > 0 or grad_filter_eps == float("inf"):
+        raise ValueError(f"fastreg.linear_cross_entropy: grad_filter_eps must be a float > 0, 'auto' or None, "
+                         f"got {grad_filter_eps!r}")
+    return float(grad_filter_eps)
+
+
+def _shifted(input: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Labels of next-token prediction: position t of each sequence is scored against label t + 1; the
+    last position is ignored. Only the (small) label tensor is built anew, never the input."""
+    if input.dim() not in (2, 3) or target.dim() != input.dim() - 1 or tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"fastreg.linear_cross_entropy: shift=True needs input (B, T, D) or (T, D) and target "
+                         f"(B, T) or (T,) of labels, got input {tuple(input.shape)} and target {tuple(target.shape)}")
+    if target.dtype.is_floating_point:
+        raise ValueError("fastreg.linear_cross_entropy: shift=True needs class-index targets (labels), "
+                         "not class probabilities")
+    pad = torch.full_like(target[..., :1], ignore_index)
+    return torch.cat([target[..., 1:], pad], dim=-1)
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -98,7 +159,11 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
-) -> Tensor:
+    shift: bool = False,
+    grad_filter_eps: Union[float, str, None] = None,
+    skip_ignored: Optional[bool] = None,
+    return_stats: bool = False,
+):
     r"""Fused ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
 
     Same semantics as ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target,
@@ -107,14 +172,36 @@ def linear_cross_entropy(
     logits are never stored whole. Extra options:
 
     * ``softcap``: logits become ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2).
-    * ``z_loss``: adds ``z_loss * logsumexp(z)**2`` to every non-ignored row's loss, which is
-      then reduced like the loss (for ``'mean'`` it shares the loss's denominator).
+    * ``z_loss``: adds ``z_loss * logsumexp(z)**2`` to every non-ignored row's loss. Under
+      ``'mean'`` the z-loss is averaged over the non-ignored rows (their count), whatever the class
+      weights (the cross-entropy keeps torch's weighted mean): scaling the class weights leaves it alone.
     * ``chunk_size``: rows per chunk (default: as many as fit a fixed logits budget).
+    * ``shift``: next-token prediction: ``input`` ``(B, T, D)`` (or ``(T, D)``), ``target``
+      ``(B, T)`` (or ``(T,)``) labels; position ``t`` is scored against label ``t + 1`` of the same
+      sequence and the last position is ignored. The input is not copied. ``'none'`` returns
+      ``(B, T)`` with 0 at the last position.
+    * ``grad_filter_eps``: gradient filtering (off by default). The backward GEMMs (``dX``, ``dW``)
+      leave out every block of 256 classes x 256 rows whose logit gradients
+      ``|d loss_i / d z_ic|`` (of each row's own loss, before the reduction's ``1/N``) are all
+      ``<= grad_filter_eps``. The loss is unchanged; each gradient entry changes by at most the
+      sum of the skipped terms, ``|d input_i| <= eps * sum_c |W_c|`` over the skipped classes (and
+      likewise for ``linear_weight``). ``"auto"``: ``finfo(dtype).eps / 32`` (bf16 2**-12, fp16
+      2**-15, fp32 2**-28; float64: off), below the resolution of reduced-precision gradients.
+      On CUDA it reads the kept-block map on the host: one sync per chunk.
+    * ``skip_ignored``: rows whose target is ``ignore_index`` take no part in the GEMMs (their
+      rows are gathered out chunk by chunk; their gradient is 0). ``None``: on CPU always; on CUDA
+      off, so the call stays sync-free and CUDA-graph capturable. ``True`` on CUDA costs one host
+      sync per call (counting the active rows); ``False`` forces the full GEMMs.
+    * ``return_stats``: return ``(loss, stats)``, ``stats`` a :class:`LinearCrossEntropyStats`
+      (per-row log-sum-exp, argmax predictions, token accuracy), computed by the same pass as the
+      loss. With ``shift=True`` they are aligned with the input positions.
 
     Args:
         input: ``(*, D)`` features. float32/float64/bfloat16/float16.
         linear_weight: ``(V, D)``, same dtype and device as ``input``.
-        target: ``(*)`` class indices (int64 or int32) in ``[0, V)`` or ``ignore_index``.
+        target: ``(*)`` class indices (int64 or int32) in ``[0, V)`` or ``ignore_index``; or class
+            probabilities ``(*, V)`` of ``input``'s dtype (as ``F.cross_entropy``: every row counts,
+            ``'mean'`` divides by the number of rows).
         linear_bias: optional ``(V,)``.
         weight: optional ``(V,)`` class weights.
         reduction: ``'mean'`` | ``'sum'`` | ``'none'`` (shape ``(*)``).
@@ -129,10 +216,26 @@ def linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size <= 0):
         raise ValueError(f"fastreg.linear_cross_entropy: chunk_size must be a positive number of rows or None, "
                          f"got {chunk_size}")
+    ignore = -100 if ignore_index is None else ignore_index  # None: torch's F.linear_cross_entropy default
+    if shift:
+        target = _shifted(input, target, ignore)
+    eps = 0.0 if grad_filter_eps is None else _filter_eps(grad_filter_eps, input.dtype)
+    skip = -1 if skip_ignored is None else int(bool(skip_ignored))
     # Shapes, dtypes, devices and targets are checked in C++, in this one call.
-    return _lce_loss(input, linear_weight, target, linear_bias, weight, red,
-                     -100 if ignore_index is None else ignore_index,  # None: torch's F.linear_cross_entropy default
-                     label_smoothing, softcap or 0.0, z_loss, chunk_size or 0)
+    if not return_stats:
+        return _lce_loss(input, linear_weight, target, linear_bias, weight, red, ignore, label_smoothing,
+                         softcap or 0.0, z_loss, chunk_size or 0, eps, skip)
+    loss, lse, predictions = _lce_loss_stats(input, linear_weight, target, linear_bias, weight, red, ignore,
+                                             label_smoothing, softcap or 0.0, z_loss, chunk_size or 0, eps, skip)
+    if target.dtype.is_floating_point:
+        hits = (predictions == target.argmax(-1)).sum()
+        count = predictions.numel()
+    else:
+        active = target != ignore
+        hits = ((predictions == target) & active).sum()
+        count = active.sum()
+    accuracy = hits.to(torch.float32) / count
+    return loss, LinearCrossEntropyStats(lse, predictions, accuracy)
 
 
 def linear_mse_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,

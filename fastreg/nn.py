@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -59,12 +59,15 @@ class LinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`fastreg.linear_cross_entropy`.
 
     ``forward(input, linear_weight, target, linear_bias=None)``; the options are fixed at
-    construction, like ``nn.CrossEntropyLoss``. ``weight`` (class weights) is a buffer.
+    construction, like ``nn.CrossEntropyLoss``. ``weight`` (class weights) is a buffer. With
+    ``return_stats=True`` it returns ``(loss, LinearCrossEntropyStats)``.
     """
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, softcap: Optional[float] = None, z_loss: float = 0.0,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, shift: bool = False,
+                 grad_filter_eps: Union[float, str, None] = None, skip_ignored: Optional[bool] = None,
+                 return_stats: bool = False):
         super().__init__()
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
@@ -79,17 +82,25 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.z_loss = z_loss
         self.chunk_size = chunk_size
+        self.shift = shift
+        self.grad_filter_eps = grad_filter_eps
+        self.skip_ignored = skip_ignored
+        self.return_stats = return_stats
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
-                linear_bias: Optional[Tensor] = None) -> Tensor:
+                linear_bias: Optional[Tensor] = None):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss,
-                                    chunk_size=self.chunk_size)
+                                    chunk_size=self.chunk_size, shift=self.shift,
+                                    grad_filter_eps=self.grad_filter_eps, skip_ignored=self.skip_ignored,
+                                    return_stats=self.return_stats)
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k in ("shift", "grad_filter_eps", "skip_ignored",
+                                                                 "return_stats") if getattr(self, k) not in (None, False))
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, z_loss={self.z_loss}")
+                f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, z_loss={self.z_loss}{extra}")
 
 
 class MultinomialLogisticRegression(nn.Module):

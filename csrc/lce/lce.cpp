@@ -45,6 +45,8 @@ struct Problem {
   Tensor target;  // (N,) int64
   Tensor bias;    // (V,) or undefined
   Tensor cw;      // (V,) class weights in the accumulate dtype, or undefined
+  Tensor probs;   // (N, V) class-probability targets (then target is empty), or undefined
+  Tensor active;  // (A,) int64 indices of the non-ignored rows when only they go through the GEMMs
   int64_t N, D, V;
   at::ScalarType acc;
 };
@@ -61,11 +63,21 @@ void check_operands(const char* fn, const Tensor& input, const Tensor& weight, c
   TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": linear_weight must be 2-D (num_classes, in_features), got shape ",
                     weight.sizes());
   const auto lead = input.sizes().slice(0, input.dim() - 1);
-  TORCH_CHECK_VALUE(target.sizes() == lead, fn, ": target has shape ", target.sizes(), " but input has shape ",
-                    input.sizes(), "; expected target of shape ", lead);
-  TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && !at::isComplexType(target.scalar_type()), fn,
-                   ": target must hold class indices (int64 or int32), got ", target.scalar_type(),
-                   "; class-probability targets are not supported");
+  if (at::isFloatingType(target.scalar_type())) {  // class probabilities (*, V), as F.cross_entropy
+    TORCH_CHECK_VALUE(target.dim() == input.dim() && target.sizes().slice(0, target.dim() - 1) == lead &&
+                          target.size(-1) == weight.size(0),
+                      fn, ": class-probability target has shape ", target.sizes(), " but input has shape ",
+                      input.sizes(), " and linear_weight ", weight.sizes(), "; expected target of shape ", lead,
+                      " (class indices) or ", lead, " + (", weight.size(0), ",) (class probabilities)");
+    TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), fn, ": class-probability target dtype ",
+                     target.scalar_type(), " does not match input dtype ", input.scalar_type());
+  } else {
+    TORCH_CHECK_VALUE(target.sizes() == lead, fn, ": target has shape ", target.sizes(), " but input has shape ",
+                      input.sizes(), "; expected target of shape ", lead);
+    TORCH_CHECK_TYPE(!at::isComplexType(target.scalar_type()), fn,
+                     ": target must hold class indices (int64 or int32) or class probabilities, got ",
+                     target.scalar_type());
+  }
   const auto dev = input.device();
   auto same_device = [&](const Tensor& t, const char* name) {
     TORCH_CHECK_VALUE(t.device() == dev, fn, ": all tensors must be on one device, got ", name, " on ", t.device(),
@@ -82,7 +94,9 @@ Problem prepare(const char* fn, const Tensor& input_any, const Tensor& weight, c
                 double label_smoothing, double softcap, double z_loss, int64_t chunk_size) {
   check_operands(fn, input_any, weight, target_any, bias, class_weight);
   const Tensor input = input_any.dim() == 2 ? input_any : input_any.reshape({-1, input_any.size(-1)});
-  const Tensor target = target_any.dim() == 1 ? target_any : target_any.reshape({-1});
+  const bool probs = at::isFloatingType(target_any.scalar_type());
+  const Tensor target = probs ? target_any.reshape({-1, weight.size(0)})
+                              : target_any.dim() == 1 ? target_any : target_any.reshape({-1});
   TORCH_CHECK_VALUE(input.size(1) == weight.size(1), fn, ": input has ", input.size(1),
                     " features but linear_weight has shape ", weight.sizes(), " (expected (num_classes, ",
                     input.size(1), "))");
@@ -92,9 +106,9 @@ Problem prepare(const char* fn, const Tensor& input_any, const Tensor& weight, c
                    ": input must be float32, float64, bfloat16 or float16, got ", dt);
   TORCH_CHECK_TYPE(weight.scalar_type() == dt, fn, ": linear_weight dtype ", weight.scalar_type(),
                    " does not match input dtype ", dt);
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, fn,
-                   ": target must hold class indices as int64 or int32, got ", target.scalar_type(),
-                   " (class-probability targets are not supported)");
+  TORCH_CHECK_TYPE(probs || target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, fn,
+                   ": target must hold class indices as int64 or int32 (or class probabilities of the input's "
+                   "dtype), got ", target.scalar_type());
   const int64_t V = weight.size(0);
   Problem p;
   p.N = input.size(0);
@@ -126,6 +140,11 @@ Problem prepare(const char* fn, const Tensor& input_any, const Tensor& weight, c
 
   p.x = blas_friendly(input) ? input : input.contiguous();
   p.w = blas_friendly(weight) ? weight : weight.contiguous();
+  if (probs) {
+    p.probs = target.contiguous();
+    p.target = at::empty({0}, target.options().dtype(at::kLong));
+    return p;  // every row is active: no index to check
+  }
   p.target = target.to(at::kLong).contiguous();
 
   // Targets must be a class or ignore_index. The row passes never touch memory for any other
@@ -164,66 +183,212 @@ int64_t chunk_rows(const Problem& p, int64_t chunk_size) {
   return std::min(rows, n);
 }
 
-void lce_rows(Tensor& logits, const Tensor& target, const Tensor& cw, const Tensor& row_scale, int64_t ignore_index,
-              double label_smoothing, double softcap, double z_loss, bool write_grad, Tensor& loss_rows) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastreg::_lce_rows", "")
-                       .typed<void(Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, int64_t,
-                                   double, double, double, bool, Tensor&)>();
-  op.call(logits, target, cw.defined() ? std::optional<Tensor>(cw) : std::nullopt, row_scale, ignore_index,
-          label_smoothing, softcap, z_loss, write_grad, loss_rows);
+// The options of one row pass (the scalar arguments of _lce_rows and its optional outputs).
+struct RowArgs {
+  int64_t ignore_index;
+  double label_smoothing, softcap, z_loss;
+  Tensor zloss_scale;            // (1,) extra factor of the z-loss term, or undefined (1)
+  double grad_filter_eps = 0.0;  // > 0: dX/dW skip the vocabulary blocks whose gradients stay below it
+  bool stats = false;            // write each row's log-sum-exp and argmax
+};
+
+// Rows of a filtered row tile and columns of a vocabulary block (see run_chunks).
+constexpr int64_t kFilterTileRows = 256, kFilterBlockCols = 256;
+
+void lce_rows(Tensor& logits, const Tensor& target, const Tensor& probs, const Tensor& cw, const Tensor& row_scale,
+              const RowArgs& a, bool write_grad, Tensor& loss_rows, const Tensor& lse, const Tensor& argmax,
+              double filter_eps, const Tensor& block_keep) {
+  // Boxed, so the driver also runs against a row pass without the issue-11 arguments (it then
+  // refuses the options that need them).
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastreg::_lce_rows", "");
+  static const bool extended = op.schema().arguments().size() > 10;
+  auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+  torch::jit::Stack stack;
+  stack.reserve(16);
+  stack.emplace_back(logits);
+  stack.emplace_back(target);
+  stack.emplace_back(opt(cw));
+  stack.emplace_back(row_scale);
+  stack.emplace_back(a.ignore_index);
+  stack.emplace_back(a.label_smoothing);
+  stack.emplace_back(a.softcap);
+  stack.emplace_back(a.z_loss);
+  stack.emplace_back(write_grad);
+  stack.emplace_back(loss_rows);
+  if (extended) {
+    stack.emplace_back(opt(probs));
+    stack.emplace_back(opt(a.zloss_scale));
+    stack.emplace_back(opt(lse));
+    stack.emplace_back(opt(argmax));
+    stack.emplace_back(filter_eps);
+    stack.emplace_back(opt(block_keep));
+  } else {
+    TORCH_CHECK(!probs.defined() && !a.zloss_scale.defined() && !lse.defined() && !argmax.defined() &&
+                    !block_keep.defined(),
+                "fastreg.linear_cross_entropy: this build's row pass (fastreg::_lce_rows) lacks class-probability "
+                "targets, z-loss scaling, statistics and gradient filtering");
+  }
+  op.callBoxed(&stack);
 }
 
 struct Grads {
   Tensor input, weight, bias;  // undefined = not requested
 };
+struct Stats {
+  Tensor lse, argmax;  // (N,) accumulate dtype / int64, or undefined
+};
+
+// Where each row of a chunk comes from: consecutive rows (views, written in place), or the
+// gathered active rows (p.active), copied into reused buffers and scattered back.
+struct ChunkRows {
+  Tensor index;  // (rows,) int64 into [0, N), or undefined for rows [r0, r0 + rows)
+  int64_t r0 = 0, rows = 0;
+  Tensor take(const Tensor& t) const { return index.defined() ? t.index_select(0, index) : t.narrow(0, r0, rows); }
+};
+
+// dX and dW of one chunk from its gradient logits, leaving out the vocabulary blocks whose
+// gradients the row pass found below grad_filter_eps in every row of a tile (block_keep, read on
+// the host). Runs of kept blocks are merged into one GEMM each. grad_W accumulates in gw_acc
+// (fp32/fp64); gi receives the tile's dX.
+void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc, const Tensor& keep_dev, Tensor gi,
+                       Tensor& gw_acc, bool want_gi, bool want_gw) {
+  const Tensor keep = keep_dev.cpu();  // one device sync per chunk on CUDA (documented)
+  const int64_t tiles = keep.size(0), blocks = keep.size(1), rows = logits.size(0);
+  const uint8_t* k = keep.const_data_ptr<uint8_t>();
+  const bool direct = gw_acc.scalar_type() == logits.scalar_type();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t t0 = t * kFilterTileRows, tn = std::min(kFilterTileRows, rows - t0);
+    if (tn <= 0) break;
+    const Tensor lt = logits.narrow(0, t0, tn), xt = xc.narrow(0, t0, tn);
+    Tensor git = want_gi ? gi.narrow(0, t0, tn) : Tensor();
+    bool gi_written = false;
+    for (int64_t b = 0; b < blocks;) {
+      if (!k[t * blocks + b]) { ++b; continue; }
+      int64_t e = b;
+      while (e < blocks && k[t * blocks + e]) ++e;
+      const int64_t c0 = b * kFilterBlockCols, cn = std::min(e * kFilterBlockCols, p.V) - c0;
+      b = e;
+      const Tensor lb = lt.narrow(1, c0, cn);
+      if (want_gi) {
+        if (!gi_written) at::mm_out(git, lb, p.w.narrow(0, c0, cn));
+        else git.addmm_(lb, p.w.narrow(0, c0, cn));
+        gi_written = true;
+      }
+      if (want_gw) {
+        Tensor gwb = gw_acc.narrow(0, c0, cn);
+        if (direct) gwb.addmm_(lb.t(), xt);
+        else if (!p.x.is_cpu()) at::addmm_out(gwb, gwb, lb.t(), xt, gw_acc.scalar_type());
+        else gwb.add_(at::mm(lb.t(), xt));  // (no mixed-dtype GEMM on CPU)
+      }
+    }
+    if (want_gi && !gi_written) git.zero_();
+  }
+}
 
 // The chunk loop. row_scale: (1,) or (N,) upstream scale of each row's loss (used iff write_grad).
-// loss_rows (N,) in the accumulate dtype receives every row's loss.
-void run_chunks(const Problem& p, int64_t ignore_index, double label_smoothing, double softcap, double z_loss,
-                int64_t chunk_size, const Tensor& row_scale, bool write_grad, std::array<bool, 3> mask,
-                Tensor& loss_rows, Grads& g) {
+// loss_rows (N,) in the accumulate dtype receives every row's loss. With p.active only those rows
+// go through the GEMMs (gathered chunk by chunk); the others get loss 0, gradient 0, lse 0 and
+// prediction -1.
+void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Tensor& row_scale, bool write_grad,
+                std::array<bool, 3> mask, Tensor& loss_rows, Grads& g, Stats& st) {
   const bool want_gi = write_grad && mask[0], want_gw = write_grad && mask[1],
              want_gb = write_grad && mask[2] && p.bias.defined();
+  const bool compact = p.active.defined();
+  const int64_t M = compact ? p.active.size(0) : p.N;  // rows that go through the GEMMs
   const auto dt = p.x.scalar_type();
-  const bool gw_direct = dt == p.acc;  // accumulate straight into grad_W when it already is fp32/fp64
-  if (want_gi) g.input = at::empty({p.N, p.D}, p.x.options());
-  if (want_gw) g.weight = at::zeros({p.V, p.D}, p.w.options().dtype(p.acc));
-  if (want_gb) g.bias = at::zeros({p.V}, p.w.options().dtype(p.acc));
-  if (p.N == 0) return;
-
+  const auto acc_opts = p.x.options().dtype(p.acc);
   const int64_t rows_per = chunk_rows(p, chunk_size);
-  Tensor buf = at::empty({rows_per, p.V}, p.x.options());
+  const bool one_chunk = M <= rows_per;
+  const bool filter = write_grad && a.grad_filter_eps > 0 && (want_gi || want_gw);
+  // grad_W: straight into an fp32/fp64 grad_W; in reduced precision straight into a grad_W of the
+  // input's dtype when one GEMM makes it (the GEMM accumulates in fp32 and rounds once, as eager);
+  // else accumulated in fp32 (CUDA: through cuBLAS's fp32 output; CPU: a partial product per chunk).
+  const bool gw_direct = dt == p.acc || (one_chunk && !filter);
+  if (want_gi) g.input = compact ? at::zeros({p.N, p.D}, p.x.options()) : at::empty({p.N, p.D}, p.x.options());
+  if (want_gw) {
+    const bool zero = M == 0 || filter || (!gw_direct && !p.x.is_cpu());
+    g.weight = zero ? at::zeros({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc))
+                    : at::empty({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc));
+  }
+  if (want_gb) g.bias = at::zeros({p.V}, acc_opts);
+  if (a.stats) {
+    st.lse = at::empty({p.N}, acc_opts);
+    st.argmax = at::empty({p.N}, p.x.options().dtype(at::kLong));
+  }
+  if (compact) {
+    loss_rows.zero_();
+    if (a.stats) st.lse.zero_(), st.argmax.fill_(-1);
+  }
+  if (p.N == 0 || M == 0) return;
+
+  const int64_t rows_buf = std::min(rows_per, M);
+  Tensor buf = at::empty({rows_buf, p.V}, p.x.options());
+  Tensor xbuf, gibuf, lbuf, lsebuf, amaxbuf;  // gather/scatter buffers of a compacted chunk
+  if (compact) {
+    xbuf = at::empty({rows_buf, p.D}, p.x.options());
+    if (want_gi) gibuf = at::empty({rows_buf, p.D}, p.x.options());
+    lbuf = at::empty({rows_buf}, acc_opts);
+    if (a.stats) lsebuf = at::empty({rows_buf}, acc_opts), amaxbuf = at::empty({rows_buf}, st.argmax.options());
+  }
+  Tensor keep;  // (row tiles, vocabulary blocks) of the filtered backward
+  const int64_t blocks = (p.V + kFilterBlockCols - 1) / kFilterBlockCols;
   Tensor gw_tmp;  // reduced-precision partial grad_W on CPU (no mixed-dtype GEMM there)
   const Tensor wt = p.w.t();
-  for (int64_t r0 = 0; r0 < p.N; r0 += rows_per) {
-    const int64_t rows = std::min(rows_per, p.N - r0);
-    const Tensor xc = p.x.narrow(0, r0, rows);
+  bool gw_started = false;
+  for (int64_t c0 = 0; c0 < M; c0 += rows_per) {
+    ChunkRows cr;
+    cr.rows = std::min(rows_per, M - c0);
+    const int64_t rows = cr.rows;
+    if (compact) cr.index = p.active.narrow(0, c0, rows);
+    else cr.r0 = c0;
+    Tensor xc = compact ? xbuf.narrow(0, 0, rows) : p.x.narrow(0, c0, rows);
+    if (compact) at::index_select_out(xc, p.x, 0, cr.index);
     Tensor logits = buf.narrow(0, 0, rows);
     if (p.bias.defined()) at::addmm_out(logits, p.bias, xc, wt);
     else at::mm_out(logits, xc, wt);
-    Tensor lr = loss_rows.narrow(0, r0, rows);
-    const Tensor sc = row_scale.numel() == 1 ? row_scale : row_scale.narrow(0, r0, rows);
-    lce_rows(logits, p.target.narrow(0, r0, rows), p.cw, sc, ignore_index, label_smoothing, softcap, z_loss,
-             write_grad, lr);
-    if (!write_grad) continue;
-    if (want_gi) {
-      Tensor gi = g.input.narrow(0, r0, rows);
-      at::mm_out(gi, logits, p.w);
+    Tensor lr = compact ? lbuf.narrow(0, 0, rows) : loss_rows.narrow(0, c0, rows);
+    Tensor lse, amax;
+    if (a.stats) {
+      lse = compact ? lsebuf.narrow(0, 0, rows) : st.lse.narrow(0, c0, rows);
+      amax = compact ? amaxbuf.narrow(0, 0, rows) : st.argmax.narrow(0, c0, rows);
     }
-    if (want_gw) {
-      if (gw_direct) {
-        // the first chunk writes grad_W (beta = 0: measured ~1.5x faster than accumulating into zeros)
-        if (r0 == 0) at::mm_out(g.weight, logits.t(), xc);
-        else g.weight.addmm_(logits.t(), xc);
-      } else if (!p.x.is_cpu()) {
-        at::addmm_out(g.weight, g.weight, logits.t(), xc, p.acc);  // cuBLAS: bf16/fp16 in, fp32 accumulate
-      } else {
-        if (!gw_tmp.defined()) gw_tmp = at::empty({p.V, p.D}, p.w.options());
-        at::mm_out(gw_tmp, logits.t(), xc);
-        g.weight.add_(gw_tmp);
+    const Tensor sc = row_scale.numel() == 1 ? row_scale : cr.take(row_scale);
+    const Tensor tc = p.probs.defined() ? p.target : cr.take(p.target);
+    const Tensor pc = p.probs.defined() ? cr.take(p.probs) : Tensor();
+    if (filter) {
+      const int64_t tiles = (rows + kFilterTileRows - 1) / kFilterTileRows;
+      keep = at::zeros({tiles, blocks}, p.x.options().dtype(at::kByte));
+    }
+    lce_rows(logits, tc, pc, p.cw, sc, a, write_grad, lr, lse, amax, filter ? a.grad_filter_eps : 0.0,
+             filter ? keep : Tensor());
+    if (compact) {
+      loss_rows.index_copy_(0, cr.index, lr);
+      if (a.stats) st.lse.index_copy_(0, cr.index, lse), st.argmax.index_copy_(0, cr.index, amax);
+    }
+    if (!write_grad) continue;
+    Tensor gi;
+    if (want_gi) gi = compact ? gibuf.narrow(0, 0, rows) : g.input.narrow(0, c0, rows);
+    if (filter) {
+      filtered_backward(p, logits, xc, keep, gi, g.weight, want_gi, want_gw);
+    } else {
+      if (want_gi) at::mm_out(gi, logits, p.w);
+      if (want_gw) {
+        if (gw_direct) {
+          // the first chunk writes grad_W (beta = 0: measured ~1.5x faster than accumulating into zeros)
+          if (!gw_started) at::mm_out(g.weight, logits.t(), xc);
+          else g.weight.addmm_(logits.t(), xc);
+        } else if (!p.x.is_cpu()) {
+          at::addmm_out(g.weight, g.weight, logits.t(), xc, p.acc);  // cuBLAS: bf16/fp16 in, fp32 accumulate
+        } else {
+          if (!gw_tmp.defined()) gw_tmp = at::empty({p.V, p.D}, p.w.options());
+          at::mm_out(gw_tmp, logits.t(), xc);
+          if (!gw_started) g.weight.copy_(gw_tmp);
+          else g.weight.add_(gw_tmp);
+        }
+        gw_started = true;
       }
     }
+    if (want_gi && compact) g.input.index_copy_(0, cr.index, gi);
     if (want_gb) g.bias.add_(at::sum(logits, {0}, false, p.acc));
   }
 }
@@ -306,37 +471,89 @@ double small_mean_denominator(const Problem& p, int64_t ignore_index) {
   return small::ce_small_denominator(a);
 }
 
+// Number of non-ignored rows (the z-loss 'mean' denominator), read on the host.
+double active_count(const Problem& p, int64_t ignore_index) {
+  const int64_t* t = p.target.const_data_ptr<int64_t>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < p.N; ++i) count += t[i] != ignore_index;
+  return static_cast<double>(count);
+}
+
 // -------------------------------------------------------------------------------------- ops
-std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
-                                                       const std::optional<Tensor>& bias,
-                                                       const std::optional<Tensor>& class_weight, int64_t reduction,
-                                                       int64_t ignore_index, double label_smoothing, double softcap,
-                                                       double z_loss, int64_t chunk_size,
-                                                       std::array<bool, 3> output_mask) {
+using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;  // loss, grads, lse, predictions
+
+void check_options(const char* fn, double grad_filter_eps, int64_t skip_ignored) {
+  TORCH_CHECK_VALUE(grad_filter_eps >= 0.0 && std::isfinite(grad_filter_eps), fn,
+                    ": grad_filter_eps must be a positive number, 'auto' or None, got ", grad_filter_eps);
+  TORCH_CHECK_VALUE(skip_ignored >= -1 && skip_ignored <= 1, fn,
+                    ": skip_ignored must be -1 (auto), 0 or 1, got ", skip_ignored);
+}
+
+// The non-ignored rows, when only they should go through the GEMMs: on CPU always (the targets
+// are read on the host), on accelerators only when asked for (nonzero() is one host sync).
+// Undefined when every row is active.
+Tensor active_rows(const Problem& p, int64_t ignore_index, int64_t skip_ignored) {
+  if (p.probs.defined() || p.N == 0 || skip_ignored == 0 || (skip_ignored < 0 && !p.x.is_cpu())) return Tensor();
+  if (p.target.is_cpu()) {
+    const int64_t* t = p.target.const_data_ptr<int64_t>();
+    int64_t count = 0;
+    for (int64_t i = 0; i < p.N; ++i) count += t[i] != ignore_index;
+    if (count == p.N) return Tensor();
+    Tensor index = at::empty({count}, p.target.options());
+    int64_t* out = index.data_ptr<int64_t>();
+    for (int64_t i = 0; i < p.N; ++i)
+      if (t[i] != ignore_index) *out++ = i;
+    return index;
+  }
+  Tensor index = at::nonzero(p.target != ignore_index).view({-1});  // the one host sync of skip_ignored=True
+  return index.size(0) == p.N ? Tensor() : index;
+}
+
+// grad_filter_eps is a bound on |d loss_i / d z_ic| of a row's own loss; the row pass compares the
+// gradient it writes (times the row's scale), so the bound is scaled by the smallest nonzero
+// |row scale| (conservative for per-row scales). On CUDA reading it is a host sync, as is the
+// filtered backward's read of block_keep.
+double filter_threshold(double grad_filter_eps, const Tensor& row_scale) {
+  if (grad_filter_eps <= 0) return 0.0;
+  const Tensor a = row_scale.abs();
+  const double s = at::where(a > 0, a, std::numeric_limits<double>::infinity()).min().item<double>();
+  return std::isfinite(s) ? grad_filter_eps * s : 0.0;
+}
+
+Outputs lce_forward(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+                    const std::optional<Tensor>& class_weight, int64_t reduction, int64_t ignore_index,
+                    double label_smoothing, double softcap, double z_loss, int64_t chunk_size,
+                    std::array<bool, 3> output_mask, double grad_filter_eps, int64_t skip_ignored,
+                    bool return_stats) {
   static const char* fn = "fastreg.linear_cross_entropy";
   TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, fn,
                     ": reduction must be 'none', 'mean' or 'sum' (0, 1, 2), got ", reduction);
-  const Problem p =
+  check_options(fn, grad_filter_eps, skip_ignored);
+  Problem p =
       prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
   const bool write_grad = reduction != kNone && (output_mask[0] || output_mask[1] || (output_mask[2] && bias));
   const auto lead = input.sizes().slice(0, input.dim() - 1);
   auto grad_input_shaped = [&](const Tensor& gi) { return gi.dim() == input.dim() ? gi : gi.view(input.sizes()); };
+  auto none = [&](at::ScalarType dt) { return at::empty({0}, input.options().dtype(dt)); };
 
-  if (use_small_path(p)) {
+  if (!p.probs.defined() && !return_stats && grad_filter_eps == 0 && use_small_path(p)) {
     Grads g;
     Tensor loss;
     AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "fastreg_lce_small", [&] {
-      double scale = 1.0, denom = 1.0;
+      double scale = 1.0, denom = 1.0, zl = z_loss;
       if (reduction == kMean) {
         denom = small_mean_denominator<scalar_t>(p, ignore_index);
         scale = 1.0 / denom;  // inf when every row is ignored: no row then has a gradient
+        // z-loss 'mean' is over the non-ignored rows whatever the class weights: sum_zl / count
+        const double count = p.cw.defined() && z_loss != 0 ? active_count(p, ignore_index) : 0.0;
+        if (count > 0) zl = z_loss * denom / count;
       }
       if (reduction == kNone) {
         loss = at::empty(lead, p.x.options());
         run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, z_loss, 1.0, Tensor(), false, output_mask,
                             loss.data_ptr<scalar_t>(), g);
       } else {
-        const double total = run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, z_loss, scale, Tensor(),
+        const double total = run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, zl, scale, Tensor(),
                                                  write_grad, output_mask, nullptr, g);
         // A zero denominator (every row ignored, or zero class weight on every kept row) gives nan
         // like torch, also when z-loss or label smoothing made the sum nonzero
@@ -346,26 +563,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, cons
     });
     return {loss, g.input.defined() ? grad_input_shaped(g.input) : empty_like_none(input),
             g.weight.defined() ? g.weight : empty_like_none(weight),
-            g.bias.defined() ? g.bias : empty_like_none(weight)};
+            g.bias.defined() ? g.bias : empty_like_none(weight), none(p.acc), none(at::kLong)};
   }
 
+  p.active = active_rows(p, ignore_index, skip_ignored);
   const auto acc_opts = p.x.options().dtype(p.acc);
+  RowArgs a{ignore_index, label_smoothing, softcap, z_loss};
+  a.stats = return_stats;
   // Scale of each row's loss in the reduced loss: 1 for 'sum', 1/denominator for 'mean', where the
-  // denominator is torch's: the number of non-ignored rows, or the sum of their class weights.
+  // denominator is torch's: the number of non-ignored rows, or the sum of their class weights (the
+  // number of rows for class probabilities). The z-loss is averaged over the non-ignored rows.
   Tensor denom, row_scale;
   if (reduction == kMean) {
-    const Tensor active = p.target != ignore_index;
-    // where, not a product: an ignored row must not read (clamped) weight[0], which may be NaN
-    denom = p.cw.defined() ? at::where(active, p.cw.index_select(0, p.target.clamp(0, p.V - 1)), 0).sum()
-                           : active.sum().to(p.acc);
+    if (p.probs.defined()) {
+      denom = at::scalar_tensor(static_cast<double>(p.N), acc_opts);
+    } else {
+      const Tensor active = p.target != ignore_index;
+      // where, not a product: an ignored row must not read (clamped) weight[0], which may be NaN
+      denom = p.cw.defined() ? at::where(active, p.cw.index_select(0, p.target.clamp(0, p.V - 1)), 0).sum()
+                             : active.sum().to(p.acc);
+      if (p.cw.defined() && z_loss != 0) {
+        if (!p.x.is_cpu()) {
+          a.zloss_scale = (denom / active.sum()).reshape({1});
+        } else if (const double count = active_count(p, ignore_index); count > 0) {
+          a.z_loss = z_loss * denom.item<double>() / count;  // host values: no sync
+        }
+      }
+    }
     row_scale = denom.reciprocal().reshape({1});
   } else {
     row_scale = at::ones({1}, acc_opts);
   }
+  if (write_grad) a.grad_filter_eps = filter_threshold(grad_filter_eps, row_scale);
   Tensor loss_rows = at::empty({p.N}, acc_opts);
   Grads g;
-  run_chunks(p, ignore_index, label_smoothing, softcap, z_loss, chunk_size, row_scale, write_grad, output_mask,
-             loss_rows, g);
+  Stats st;
+  run_chunks(p, a, chunk_size, row_scale, write_grad, output_mask, loss_rows, g, st);
   finish_grads(p, g);
 
   Tensor loss;
@@ -377,29 +610,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_forward(const Tensor& input, cons
   loss = loss.to(input.scalar_type());
   return {loss, g.input.defined() ? grad_input_shaped(g.input) : empty_like_none(input),
           g.weight.defined() ? g.weight : empty_like_none(weight),
-          g.bias.defined() ? g.bias : empty_like_none(weight)};
+          g.bias.defined() ? g.bias : empty_like_none(weight), st.lse.defined() ? st.lse.view(lead) : none(p.acc),
+          st.argmax.defined() ? st.argmax.view(lead) : none(at::kLong)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
                                                 const Tensor& target, const std::optional<Tensor>& bias,
                                                 const std::optional<Tensor>& class_weight, int64_t ignore_index,
                                                 double label_smoothing, double softcap, double z_loss,
-                                                int64_t chunk_size, std::array<bool, 3> output_mask) {
+                                                int64_t chunk_size, std::array<bool, 3> output_mask,
+                                                double grad_filter_eps, int64_t skip_ignored) {
   static const char* fn = "fastreg.linear_cross_entropy_backward";
-  const Problem p =
+  check_options(fn, grad_filter_eps, skip_ignored);
+  Problem p =
       prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
   TORCH_CHECK_VALUE(grad_loss.numel() == p.N, fn, ": grad_loss has ", grad_loss.numel(), " elements, expected ", p.N);
   const Tensor row_scale = grad_loss.reshape({p.N}).to(p.acc).contiguous();
   Grads g;
-  if (use_small_path(p)) {
+  if (!p.probs.defined() && grad_filter_eps == 0 && use_small_path(p)) {
     AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "fastreg_lce_small_backward", [&] {
       run_small<scalar_t>(p, ignore_index, label_smoothing, softcap, z_loss, 1.0, row_scale, true, output_mask,
                           nullptr, g);
     });
   } else {
+    p.active = active_rows(p, ignore_index, skip_ignored);
+    RowArgs a{ignore_index, label_smoothing, softcap, z_loss};
+    a.grad_filter_eps = filter_threshold(grad_filter_eps, row_scale);
     Tensor loss_rows = at::empty({p.N}, p.x.options().dtype(p.acc));
-    run_chunks(p, ignore_index, label_smoothing, softcap, z_loss, chunk_size, row_scale, true, output_mask, loss_rows,
-               g);
+    Stats st;
+    run_chunks(p, a, chunk_size, row_scale, true, output_mask, loss_rows, g, st);
     finish_grads(p, g);
   }
   return {g.input.defined() ? g.input.view(input.sizes()) : empty_like_none(input),
@@ -411,7 +650,7 @@ std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const T
 // The autograd formula, in C++ so a training step crosses from Python into C++ once per
 // direction. For scalar reductions the forward already produced the gradients for a unit
 // upstream gradient (the backward scales them); for 'none' the backward op recomputes the logits
-// with each row's upstream gradient.
+// with each row's upstream gradient. lse and predictions are not differentiable.
 
 class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
  public:
@@ -420,14 +659,16 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
                                                 const std::optional<Tensor>& bias,
                                                 const std::optional<Tensor>& class_weight, int64_t reduction,
                                                 int64_t ignore_index, double label_smoothing, double softcap,
-                                                double z_loss, int64_t chunk_size, std::array<bool, 3> output_mask) {
+                                                double z_loss, int64_t chunk_size, std::array<bool, 3> output_mask,
+                                                double grad_filter_eps, int64_t skip_ignored, bool return_stats) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastreg::linear_cross_entropy", "")
                          .typed<decltype(lce_forward)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, gi, gw, gb] = op.call(input, weight, target, bias, class_weight, reduction, ignore_index,
-                                      label_smoothing, softcap, z_loss, chunk_size, output_mask);
-    ctx->mark_non_differentiable({gi, gw, gb});
+    auto [loss, gi, gw, gb, lse, pred] =
+        op.call(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing, softcap, z_loss,
+                chunk_size, output_mask, grad_filter_eps, skip_ignored, return_stats);
+    ctx->mark_non_differentiable({gi, gw, gb, lse, pred});
     ctx->set_materialize_grads(false);
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["has_bias"] = bias.has_value();
@@ -438,15 +679,17 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
       ctx->saved_data["softcap"] = softcap;
       ctx->saved_data["z_loss"] = z_loss;
       ctx->saved_data["chunk_size"] = chunk_size;
+      ctx->saved_data["grad_filter_eps"] = grad_filter_eps;
+      ctx->saved_data["skip_ignored"] = skip_ignored;
     } else {
       ctx->save_for_backward({gi, gw, gb});
     }
-    return {loss, gi, gw, gb};
+    return {loss, gi, gw, gb, lse, pred};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    torch::autograd::variable_list out(12);
+    torch::autograd::variable_list out(15);
     const Tensor& grad_loss = grads[0];
     if (!grad_loss.defined()) return out;  // only the loss carries a gradient
     check_not_double_backward(grad_loss, "fastreg.linear_cross_entropy", "F.cross_entropy(F.linear(...))");
@@ -462,7 +705,8 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
           op.call(grad_loss, saved[0], saved[1], saved[2], opt(saved[3]), opt(saved[4]),
                   ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
                   ctx->saved_data["softcap"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
-                  ctx->saved_data["chunk_size"].toInt(), {need_input, need_weight, need_bias});
+                  ctx->saved_data["chunk_size"].toInt(), {need_input, need_weight, need_bias},
+                  ctx->saved_data["grad_filter_eps"].toDouble(), ctx->saved_data["skip_ignored"].toInt());
       if (need_input) out[0] = gi;
       if (need_weight) out[1] = gw;
       if (need_bias) out[3] = gb;
@@ -473,12 +717,11 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> lce_autograd(const Tensor& input, const Tensor& weight,
-                                                        const Tensor& target, const std::optional<Tensor>& bias,
-                                                        const std::optional<Tensor>& class_weight, int64_t reduction,
-                                                        int64_t ignore_index, double label_smoothing, double softcap,
-                                                        double z_loss, int64_t chunk_size,
-                                                        std::array<bool, 3> output_mask) {
+Outputs lce_autograd(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+                     const std::optional<Tensor>& class_weight, int64_t reduction, int64_t ignore_index,
+                     double label_smoothing, double softcap, double z_loss, int64_t chunk_size,
+                     std::array<bool, 3> output_mask, double grad_filter_eps, int64_t skip_ignored,
+                     bool return_stats) {
   static const char* fn = "fastreg.linear_cross_entropy";
   // Checked before any dispatch, so a tensor on another device (or on meta) is reported as such.
   check_operands(fn, input, weight, target, bias, class_weight);
@@ -486,25 +729,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lce_autograd(const Tensor& input, con
   TORCH_CHECK(!(grad_mode && class_weight && class_weight->requires_grad()), fn,
               " is not differentiable with respect to argument 'weight' (the class weights), like F.cross_entropy: "
               "pass weight.detach()");
+  TORCH_CHECK(!(grad_mode && target.requires_grad()), fn,
+              " is not differentiable with respect to the class-probability target: pass target.detach()");
   output_mask = mask_for_autograd(output_mask, input, weight, bias);
   auto outs = LinearCrossEntropyFunction::apply(input, weight, target, bias, class_weight, reduction, ignore_index,
-                                                label_smoothing, softcap, z_loss, chunk_size, output_mask);
-  return {outs[0], outs[1], outs[2], outs[3]};
+                                                label_smoothing, softcap, z_loss, chunk_size, output_mask,
+                                                grad_filter_eps, skip_ignored, return_stats);
+  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5]};
+}
+
+Outputs lce_call(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+                 const std::optional<Tensor>& class_weight, int64_t reduction, int64_t ignore_index,
+                 double label_smoothing, double softcap, double z_loss, int64_t chunk_size, double grad_filter_eps,
+                 int64_t skip_ignored, bool return_stats) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastreg::linear_cross_entropy", "")
+                       .typed<decltype(lce_forward)>();
+  return op.call(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing, softcap, z_loss,
+                 chunk_size, {false, false, false}, grad_filter_eps, skip_ignored, return_stats);
 }
 
 Tensor lce_loss(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
                 const std::optional<Tensor>& class_weight, int64_t reduction, int64_t ignore_index,
-                double label_smoothing, double softcap, double z_loss, int64_t chunk_size) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastreg::linear_cross_entropy", "")
-                       .typed<decltype(lce_forward)>();
-  return std::get<0>(op.call(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing,
-                             softcap, z_loss, chunk_size, {false, false, false}));
+                double label_smoothing, double softcap, double z_loss, int64_t chunk_size, double grad_filter_eps,
+                int64_t skip_ignored) {
+  return std::get<0>(lce_call(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing,
+                              softcap, z_loss, chunk_size, grad_filter_eps, skip_ignored, false));
+}
+
+std::tuple<Tensor, Tensor, Tensor> lce_loss_stats(const Tensor& input, const Tensor& weight, const Tensor& target,
+                                                  const std::optional<Tensor>& bias,
+                                                  const std::optional<Tensor>& class_weight, int64_t reduction,
+                                                  int64_t ignore_index, double label_smoothing, double softcap,
+                                                  double z_loss, int64_t chunk_size, double grad_filter_eps,
+                                                  int64_t skip_ignored) {
+  auto outs = lce_call(input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing, softcap,
+                       z_loss, chunk_size, grad_filter_eps, skip_ignored, true);
+  return {std::get<0>(outs), std::get<4>(outs), std::get<5>(outs)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastreg, CompositeImplicitAutograd, m) { m.impl("_lce_loss", &lce_loss); }
+TORCH_LIBRARY_IMPL(fastreg, CompositeImplicitAutograd, m) {
+  m.impl("_lce_loss", &lce_loss);
+  m.impl("_lce_loss_stats", &lce_loss_stats);
+}
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
   m.impl("linear_cross_entropy", &lce_forward);
   m.impl("linear_cross_entropy_backward", &lce_backward);

@@ -35,6 +35,8 @@ inline bool is_unit_cpu_scalar(const at::Tensor& g) {
   switch (g.scalar_type()) {
     case at::kFloat: return *g.const_data_ptr<float>() == 1.0f;
     case at::kDouble: return *g.const_data_ptr<double>() == 1.0;
+    case at::kBFloat16: return static_cast<float>(*g.const_data_ptr<at::BFloat16>()) == 1.0f;
+    case at::kHalf: return static_cast<float>(*g.const_data_ptr<at::Half>()) == 1.0f;
     default: return false;
   }
 }

@@ -432,6 +432,8 @@ def linear_cross_entropy(
         lay, mesh, _ = _dtensor_layout(linear_weight, linear_bias, weight, sig)
     else:
         lay = _plain_layout(w_loc, process_group, vocab_start, num_classes, sig)
+    if reduction == "mean" and cw_loc is not None and z_loss:
+        z_loss = _zloss_over_count(z_loss, lay, w_loc, cw_loc, t1, int(ignore_index))
     cfg = _Cfg(lay, _REDUCTIONS[reduction], int(ignore_index), float(label_smoothing), float(softcap or 0.0),
                float(z_loss), int(chunk_size or 0))
     loss = _VocabParallelLCE.apply(x2, w_loc, b_loc, cw_loc, t1, cfg)
@@ -440,6 +442,24 @@ def linear_cross_entropy(
     if is_dt:
         loss = DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return loss
+
+
+def _zloss_over_count(z_loss: float, lay: _Layout, w, cw, target: Tensor, ignore_index: int) -> float:
+    """The z-loss coefficient that makes 'mean' average the z-loss over the non-ignored rows (as the
+    single-process op) while the rows' losses share the class-weight denominator: z_loss * W / count,
+    W = the group's sum of the targets' class weights (one all-reduce of a scalar). It is read on the
+    host, which on an accelerator would be a sync: refused there."""
+    if target.device.type != "cpu":
+        raise ValueError(f"{_FN}: z_loss with class weights under reduction='mean' is CPU-only here (its "
+                         "denominator, the non-ignored count, would need a host sync); use reduction='sum' and "
+                         "divide by the number of non-ignored targets")
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    local = target - lay.vocab_start
+    owned = (target != ignore_index) & (local >= 0) & (local < w.shape[0])
+    part = torch.where(owned, cw.to(acc)[local.clamp(0, max(w.shape[0] - 1, 0))] if w.shape[0] else 0, 0).sum()
+    denom = float(_wait(funcol.all_reduce(part, "sum", lay.group_name)))
+    count = int((target != ignore_index).sum())
+    return z_loss * denom / count if count else z_loss
 
 
 def _check_local(x, w, b, cw, t):

@@ -11,7 +11,7 @@ How the data flows in a patched model's forward when labels are given:
            base model -> final hidden states (B, T, D)
            lm_head(hidden)                               # the patched head stores `hidden` and returns
                                                          # an empty (B, T, 0) tensor: no logits
-      -> fastreg.linear_cross_entropy(hidden, lm_head.weight, shifted labels, softcap=...)
+      -> fastreg.linear_cross_entropy(hidden, lm_head.weight, labels, shift=True, softcap=...)
       <- the model's output with .loss set and .logits None
 
 Without labels the model runs unchanged (logits as usual, e.g. for ``generate``); so it does with
@@ -39,7 +39,6 @@ import types
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -233,9 +232,9 @@ def causal_lm_loss(
     """transformers' ``ForCausalLMLoss`` computed by fastreg from ``hidden`` (B, T, D)."""
     options: _Options = model._fastreg_lce
     head = model._fastreg_head
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    if hidden.shape[:-1] != shift_labels.shape:
+    shift = shift_labels is None  # fastreg shifts the labels itself (shift=True): position t scores label t + 1
+    targets = labels if shift else shift_labels
+    if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"fastreg.integrations.transformers: labels of shape {tuple(labels.shape)} do not match the "
                          f"hidden states {tuple(hidden.shape[:-1])} (logits_to_keep with labels is not supported)")
     weight = head.weight
@@ -243,9 +242,10 @@ def causal_lm_loss(
         hidden = hidden.to(weight.dtype)
     softcap = getattr(model.config, options.softcap_attr, None) if options.softcap_attr else None
     loss = linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
+        hidden,
         weight,
-        shift_labels.reshape(-1).to(hidden.device),
+        targets.to(hidden.device),
+        shift=shift,
         linear_bias=head.bias,
         reduction="mean" if num_items_in_batch is None else "sum",
         ignore_index=ignore_index,

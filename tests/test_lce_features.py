@@ -1,0 +1,244 @@
+"""Tests of the issue-11 options of fastreg.linear_cross_entropy: skip_ignored (compaction of the
+non-ignored rows), the z-loss 'mean' over the non-ignored count, shift=True, class-probability
+targets, return_stats and grad_filter_eps, against the eager composition in
+fastreg/reference.py (fp64: 1e-12), under torch.compile and opcheck/gradcheck."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+import fastreg
+from fastreg.reference import linear_cross_entropy_reference as reference
+
+from test_lce import assert_close_all, make, run
+
+OPS = torch.ops.fastreg
+TIGHT = dict(rtol=1e-12, atol=1e-12)
+
+
+def probs_case(N, D, V, *, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = make(N, D, V, dtype=dtype, device=device, bias=True, class_weight=True)
+    c["target"] = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2, -1).to(device, dtype)
+    return c
+
+
+# ------------------------------------------------------------------------------- skip_ignored
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [None, 5])
+@pytest.mark.parametrize("ignored", [0, 9, 23, 40])  # none, some, most, all of 40 rows
+def test_skip_ignored_matches_full_gemms_and_eager(reduction, chunk, ignored):
+    case = make(40, 12, 90, bias=True, class_weight=True, ignore=ignored)
+    opts = dict(reduction=reduction, label_smoothing=0.1, softcap=4.0, z_loss=1e-2, chunk_size=chunk)
+    want = run(reference, case, **opts)
+    for skip in (None, True, False):
+        got = run(fastreg.linear_cross_entropy, case, skip_ignored=skip, **opts)
+        assert_close_all(got, want, **TIGHT)
+    if ignored:  # ignored rows get exactly zero gradient
+        gi = run(fastreg.linear_cross_entropy, case, **opts)[1]
+        assert torch.all(gi[case["target"] == -100] == 0)
+
+
+def test_skip_ignored_three_dims_and_strided_input():
+    case = make(24, 10, 70, ignore=11, lead=(4, 6), noncontig=False)
+    case["input"] = torch.cat([case["input"], case["input"]], -1)[..., ::2]  # strided rows
+    assert_close_all(run(fastreg.linear_cross_entropy, case, chunk_size=4), run(reference, case), **TIGHT)
+
+
+# ------------------------------------------------------------------------------- z-loss 'mean'
+@pytest.mark.parametrize("V", [10, 300])  # the small one-pass path and the chunked driver
+def test_zloss_mean_is_over_the_non_ignored_count(V):
+    case = make(30, 8, V, class_weight=True, ignore=7)
+    opts = dict(z_loss=0.05, label_smoothing=0.1)
+    assert_close_all(run(fastreg.linear_cross_entropy, case, **opts), run(reference, case, **opts), **TIGHT)
+    # the z-loss part is invariant to scaling the class weights (the weighted CE is too)
+    doubled = dict(case, weight=case["weight"] * 2)
+    assert_close_all(run(fastreg.linear_cross_entropy, doubled, **opts),
+                     run(fastreg.linear_cross_entropy, case, **opts), rtol=1e-13, atol=1e-13)
+    # and equals the plain per-row z-loss averaged over the non-ignored rows
+    zl = run(fastreg.linear_cross_entropy, case, **opts)[0] - run(fastreg.linear_cross_entropy, case,
+                                                                  label_smoothing=0.1)[0]
+    lse = torch.logsumexp(case["input"] @ case["linear_weight"].t(), -1)
+    active = case["target"] != -100
+    torch.testing.assert_close(zl, 0.05 * (lse[active] ** 2).mean(), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- shift
+@pytest.mark.parametrize("lead", [(3, 9), (11,)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_shift_matches_shifted_labels(lead, reduction):
+    n = 1
+    for s in lead:
+        n *= s
+    case = make(n, 7, 40, bias=True, ignore=4, lead=lead)
+    opts = dict(reduction=reduction, z_loss=1e-3, chunk_size=4)
+    got = run(fastreg.linear_cross_entropy, case, shift=True, **opts)
+    assert_close_all(got, run(reference, case, shift=True, **opts), **TIGHT)
+    labels = case["target"]
+    shifted = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], -100)], -1)
+    assert_close_all(got, run(fastreg.linear_cross_entropy, dict(case, target=shifted), **opts), rtol=0, atol=0)
+    if reduction == "none":
+        assert got[0].shape == lead and torch.all(got[0][..., -1] == 0)
+
+
+def test_shift_bad_input():
+    case = make(12, 4, 9, lead=(3, 4))
+    with pytest.raises(ValueError, match="shift=True needs input"):
+        fastreg.linear_cross_entropy(case["input"].reshape(1, 3, 4, 4), case["linear_weight"],
+                                     case["target"].reshape(1, 3, 4), shift=True)
+    with pytest.raises(ValueError, match="class-index targets"):
+        fastreg.linear_cross_entropy(case["input"], case["linear_weight"], torch.rand(3, 4, 9, dtype=torch.float64),
+                                     shift=True)
+
+
+# ------------------------------------------------------------------------------- probabilities
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0)])
+def test_probability_targets_match_eager(reduction, opts):
+    case = probs_case(26, 9, 80)
+    case_noweight = dict(case, weight=None)
+    for c in (case, case_noweight):
+        assert_close_all(run(fastreg.linear_cross_entropy, c, reduction=reduction, chunk_size=7, **opts),
+                         run(reference, c, reduction=reduction, **opts), **TIGHT)
+
+
+def test_probability_targets_small_classes_and_one_hot():
+    # V <= 64 would take the one-pass path for indices; probabilities go through the driver. One-hot
+    # probabilities give the index loss.
+    case = make(20, 6, 12, class_weight=True)
+    one_hot = F.one_hot(case["target"], 12).double()
+    got = run(fastreg.linear_cross_entropy, dict(case, target=one_hot, weight=None), label_smoothing=0.1)
+    assert_close_all(got, run(fastreg.linear_cross_entropy, dict(case, weight=None), label_smoothing=0.1), **TIGHT)
+
+
+# ------------------------------------------------------------------------------- return_stats
+@pytest.mark.parametrize("kind", ["indices", "shift", "probs", "small"])
+def test_return_stats_match_eager(kind):
+    if kind == "probs":
+        case, opts = probs_case(18, 7, 70), dict(softcap=5.0)
+    elif kind == "shift":
+        case, opts = make(20, 7, 70, ignore=5, lead=(4, 5)), dict(shift=True, chunk_size=6)
+    else:
+        case, opts = make(20, 7, 70 if kind == "indices" else 9, ignore=5), dict(softcap=5.0, chunk_size=6)
+    args = (case["input"], case["linear_weight"], case["target"])
+    kw = dict(linear_bias=case["linear_bias"], weight=case["weight"], **opts)
+    loss, stats = fastreg.linear_cross_entropy(*args, return_stats=True, **kw)
+    want_loss, (lse, pred, acc) = reference(*args, return_stats=True, **kw)
+    assert isinstance(stats, fastreg.LinearCrossEntropyStats)
+    torch.testing.assert_close(loss, want_loss, **TIGHT)
+    torch.testing.assert_close(stats.lse, lse, **TIGHT)
+    assert stats.lse.dtype == torch.float64 and not stats.lse.requires_grad
+    assert torch.equal(stats.predictions, pred)
+    torch.testing.assert_close(stats.accuracy, acc.float())
+    assert stats.accuracy.dtype == torch.float32 and stats.accuracy.dim() == 0
+
+
+def test_return_stats_all_ignored_and_float32():
+    case = make(6, 4, 30, dtype=torch.float32, ignore=6)
+    loss, stats = fastreg.linear_cross_entropy(case["input"], case["linear_weight"], case["target"], return_stats=True)
+    assert torch.isnan(loss) and torch.isnan(stats.accuracy)
+    assert torch.all(stats.lse == 0) and torch.all(stats.predictions == -1) and stats.lse.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------- grad_filter_eps
+def peaked(N, D, V, dtype, seed=0):
+    """A trained-LM-like input: each row's hidden state aligned with its target's weight row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) / D ** 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    x = 6.0 * w[t] / w[t].norm(dim=1, keepdim=True) * D ** 0.5 / 4 + 0.3 * torch.randn(N, D, generator=g,
+                                                                                      dtype=torch.float64)
+    return dict(input=x.to(dtype), linear_weight=w.to(dtype), target=t, linear_bias=None, weight=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_filter_loss_unchanged_and_error_bounded(dtype, reduction):
+    case = peaked(300, 32, 2000, dtype)
+    exact = run(reference, {k: (v.double() if v is not None and v.is_floating_point() else v)
+                            for k, v in case.items()}, reduction=reduction)
+    eager = run(reference, case, reduction=reduction)
+    off = run(fastreg.linear_cross_entropy, case, reduction=reduction)
+    for eps in ("auto", 1e-3):
+        on = run(fastreg.linear_cross_entropy, case, reduction=reduction, grad_filter_eps=eps)
+        assert torch.equal(on[0], off[0])  # the loss is unchanged
+        for i in (1, 2):
+            err = (on[i].double() - exact[i]).abs().max()
+            if eps == "auto":  # below the dtype's resolution: as accurate as eager (2x)
+                assert err <= 2 * (eager[i].double() - exact[i]).abs().max() + 1e-12
+            # the documented bound: each entry moves by at most eps * scale * sum of the skipped |other factor|
+            scale = (1 / 300 if reduction == "mean" else 1.0) * float(eps if eps != "auto" else
+                                                                       torch.finfo(dtype).eps / 32)
+            other = case["linear_weight"] if i == 1 else case["input"]
+            up = 1.0 if reduction == "mean" else 4.0  # |upstream| of run()'s random normal gradient
+            bound = scale * up * other.double().abs().sum(0).max() * (case["input"].shape[0] if i == 2 else 1)
+            assert (on[i].double() - off[i].double()).abs().max() <= bound + 2 * (off[i].double() - exact[i]).abs().max()
+
+
+def test_grad_filter_bad_values():
+    case = make(4, 3, 70)
+    for bad in (-1.0, "fast", float("inf"), True):
+        with pytest.raises(ValueError, match="grad_filter_eps"):
+            fastreg.linear_cross_entropy(case["input"], case["linear_weight"], case["target"], grad_filter_eps=bad)
+
+
+# ------------------------------------------------------------------------------- compile, opcheck, gradcheck
+def test_torch_compile_fullgraph_new_options():
+    torch._dynamo.reset()
+    case = make(24, 8, 50, dtype=torch.float32, ignore=5, lead=(3, 8))
+
+    def step(x, w, t):
+        loss, stats = fastreg.linear_cross_entropy(x, w, t, shift=True, return_stats=True, z_loss=1e-3,
+                                                   grad_filter_eps="auto", chunk_size=8)
+        return loss, stats.lse, stats.predictions, stats.accuracy
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (step, compiled):
+        x, w = (case[k].detach().clone().requires_grad_() for k in ("input", "linear_weight"))
+        loss, lse, pred, acc = fn(x, w, case["target"])
+        loss.backward()
+        outs.append([loss.detach(), x.grad, w.grad, lse, pred.double(), acc])
+    assert_close_all(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_opcheck_new_options():
+    c = make(13, 6, 21, dtype=torch.float32, bias=True, ignore=3)
+    p = probs_case(9, 6, 21, dtype=torch.float32)
+    for x, w, t, b in ((c["input"], c["linear_weight"], c["target"], c["linear_bias"]),
+                       (p["input"], p["linear_weight"], p["target"], p["linear_bias"])):
+        for red in (0, 1):
+            torch.library.opcheck(OPS.linear_cross_entropy.default,
+                                  (x, w, t, b, None, red, -100, 0.1, 0.0, 1e-3, 4, [True, True, True], 1e-4, 1, True))
+        torch.library.opcheck(OPS.linear_cross_entropy_backward.default,
+                              (torch.randn(x.shape[0]), x, w, t, b, None, -100, 0.1, 0.0, 1e-3, 4, [True, True, True],
+                               1e-4, 1))
+        torch.library.opcheck(OPS._lce_loss_stats.default, (x, w, t, b, None, 1, -100, 0.0, 0.0, 0.0, 4))
+
+
+@pytest.mark.parametrize("kind", ["skip", "shift", "probs"])
+def test_gradcheck(kind):
+    if kind == "probs":
+        case, opts = probs_case(6, 3, 11), dict(label_smoothing=0.1, z_loss=0.01)
+    else:
+        case = make(8, 3, 70, bias=True, class_weight=True, ignore=3, lead=(2, 4))
+        opts = dict(shift=True) if kind == "shift" else dict(z_loss=0.01, chunk_size=3)
+    for reduction in ("mean", "none"):
+        def f(x, w, b):
+            return fastreg.linear_cross_entropy(x, w, case["target"], linear_bias=b, weight=case["weight"],
+                                                reduction=reduction, **opts)
+
+        leaves = [case[k].detach().requires_grad_() for k in ("input", "linear_weight", "linear_bias")]
+        assert torch.autograd.gradcheck(f, leaves)
+
+
+# ------------------------------------------------------------------------------- module
+def test_module_options():
+    case = make(24, 8, 50, ignore=4, lead=(3, 8))
+    mod = fastreg.nn.LinearCrossEntropyLoss(z_loss=1e-3, shift=True, return_stats=True, grad_filter_eps=None,
+                                            skip_ignored=True)
+    loss, stats = mod(case["input"], case["linear_weight"], case["target"])
+    want, (lse, pred, acc) = reference(case["input"], case["linear_weight"], case["target"], z_loss=1e-3, shift=True,
+                                       return_stats=True)
+    torch.testing.assert_close(loss, want, **TIGHT)
+    torch.testing.assert_close(stats.lse, lse, **TIGHT)
+    assert "shift=True" in repr(mod)
