@@ -125,7 +125,8 @@ def test_append_csv_moves_a_different_header_aside(tmp_path):
 
 
 def test_cli_rejects_bad_arguments():
-    for argv in (["--providers", "nope"], ["--sizes", "12x"], ["--sweep", "Q"], ["--optimizers", "rmsprop"]):
+    for argv in (["--providers", "nope"], ["--sizes", "12x"], ["--sweep", "Q"], ["--optimizers", "rmsprop"],
+                 ["--workloads", "sft,nope"]):
         with pytest.raises(SystemExit) as e:
             bench_main(argv)
         assert e.value.code == 2
