@@ -50,13 +50,28 @@ TORCH_LIBRARY(fastreg, m) {
       "Tensor? class_weight, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_size, "
       "bool[3] output_mask, float grad_filter_eps=0., int skip_ignored=-1) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  // Internal: the fused per-row pass over one chunk of logits (rows, V), contiguous. Writes each
-  // row's loss (log-sum-exp, smoothing, z-loss included) into loss_rows and, if write_grad, the
-  // gradient of the loss w.r.t. the (pre-softcap) logits in place, times row_scale (numel 1 or rows).
-  // Ignored rows get loss 0 and gradient 0.
+  // Internal: the fused per-row pass over one chunk of logits (rows, V), contiguous, float32/float64/
+  // bfloat16/float16 (16-bit logits are read and written directly, fp32 maths). Writes each row's
+  // loss (log-sum-exp, smoothing, z-loss included) into loss_rows (accumulate dtype: fp32, fp64 for
+  // fp64 logits) and, if write_grad, the gradient of the loss w.r.t. the (pre-softcap) logits in
+  // place, times row_scale (numel 1 or rows). Ignored rows get loss 0 and gradient 0.
+  //   target_probs   (rows, V) class-probability targets in the logits' dtype; `target` is then not
+  //                  read (pass an empty int64 tensor) and every row is active. Row loss
+  //                  sum_c w_c q'_c (lse - z_c), q' = (1-e) q + e/V: torch's probability-target CE.
+  //   zloss_scale    numel 1, accumulate dtype: multiplies every row's z-loss term (loss and gradient).
+  //   lse_rows       (rows,) accumulate dtype: each active row's log-sum-exp of the (softcapped)
+  //                  logits, 0 for ignored rows.
+  //   argmax_rows    (rows,) int64: the first maximum of each active row's (softcapped) logits (a NaN
+  //                  counts as the maximum, like torch.argmax), -1 for ignored rows.
+  //   block_keep     (row_tiles, num_blocks) uint8, zero-filled by the caller, with write_grad and
+  //                  grad_filter_eps > 0: set to 1 where some written gradient entry of the tile's
+  //                  rows (ceil(rows / row_tiles) each) and the block's columns (ceil(V / num_blocks)
+  //                  each) has |g| > grad_filter_eps (or is NaN). Nothing is zeroed.
   m.def(
       "_lce_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor row_scale, int ignore_index, "
-      "float label_smoothing, float softcap, float z_loss, bool write_grad, Tensor(b!) loss_rows) -> ()");
+      "float label_smoothing, float softcap, float z_loss, bool write_grad, Tensor(b!) loss_rows, "
+      "Tensor? target_probs=None, Tensor? zloss_scale=None, Tensor(c!)? lse_rows=None, "
+      "Tensor(d!)? argmax_rows=None, float grad_filter_eps=0.0, Tensor(e!)? block_keep=None) -> ()");
 
   // ---- vocab-parallel linear cross-entropy (csrc/lce/lce_vocab_parallel.cpp) -----------------
   // Internal row passes of fastreg.distributed.linear_cross_entropy; this rank holds classes

@@ -85,7 +85,8 @@ def _mse_backward_fake(grad_loss, input, weight, target, bias, output_mask):
 
 @torch.library.register_fake("fastreg::_lce_rows")
 def _lce_rows_fake(logits, target, class_weight, row_scale, ignore_index, label_smoothing, softcap, z_loss,
-                   write_grad, loss_rows):
+                   write_grad, loss_rows, target_probs=None, zloss_scale=None, lse_rows=None, argmax_rows=None,
+                   grad_filter_eps=0.0, block_keep=None):
     return None
 
 
@@ -136,12 +137,12 @@ def _filter_eps(grad_filter_eps, dtype) -> float:
 def _shifted(input: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """Labels of next-token prediction: position t of each sequence is scored against label t + 1; the
     last position is ignored. Only the (small) label tensor is built anew, never the input."""
-    if input.dim() not in (2, 3) or target.dim() != input.dim() - 1 or tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"fastreg.linear_cross_entropy: shift=True needs input (B, T, D) or (T, D) and target "
-                         f"(B, T) or (T,) of labels, got input {tuple(input.shape)} and target {tuple(target.shape)}")
     if target.dtype.is_floating_point:
         raise ValueError("fastreg.linear_cross_entropy: shift=True needs class-index targets (labels), "
                          "not class probabilities")
+    if input.dim() not in (2, 3) or tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"fastreg.linear_cross_entropy: shift=True needs input (B, T, D) or (T, D) and target "
+                         f"(B, T) or (T,) of labels, got input {tuple(input.shape)} and target {tuple(target.shape)}")
     pad = torch.full_like(target[..., :1], ignore_index)
     return torch.cat([target[..., 1:], pad], dim=-1)
 

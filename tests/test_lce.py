@@ -40,8 +40,8 @@ def leaves(case):
 
 def run(fn, case, **opts):
     """Loss and gradients (w.r.t. input, weight, bias) for a random upstream gradient."""
-    case = {k: (v.detach().clone().requires_grad_(v.is_floating_point() and k != "weight") if v is not None else None)
-            for k, v in case.items()}
+    grads = ("input", "linear_weight", "linear_bias")  # not class weights, not probability targets
+    case = {k: (v.detach().clone().requires_grad_(k in grads) if v is not None else None) for k, v in case.items()}
     loss = fn(case["input"], case["linear_weight"], case["target"], linear_bias=case["linear_bias"],
               weight=case["weight"], **opts)
     up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(loss)
@@ -250,7 +250,9 @@ BAD = [
     ("target shape", ValueError, "target has shape", lambda c: dict(c, target=c["target"][:-1])),
     ("bias shape", ValueError, "linear_bias has shape", lambda c: dict(c, linear_bias=torch.randn(10))),
     ("class weight shape", ValueError, "class weights", lambda c: dict(c, weight=torch.rand(12))),
-    ("float target shape", ValueError, "class-probability target has shape", lambda c: dict(c, target=c["target"].float())),
+    ("float target", TypeError, "class indices", lambda c: dict(c, target=c["target"].float())),
+    ("probability target shape", ValueError, "class-probability target has shape",
+     lambda c: dict(c, target=torch.rand(c["input"].shape[0], 3))),
     ("probability target dtype", TypeError, "does not match input dtype",
      lambda c: dict(c, target=torch.rand(c["input"].shape[0], c["linear_weight"].shape[0], dtype=torch.float64))),
     ("mixed dtypes", TypeError, "does not match input dtype", lambda c: dict(c, linear_weight=c["linear_weight"].double())),

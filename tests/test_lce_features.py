@@ -32,6 +32,9 @@ def test_skip_ignored_matches_full_gemms_and_eager(reduction, chunk, ignored):
     want = run(reference, case, **opts)
     for skip in (None, True, False):
         got = run(fastreg.linear_cross_entropy, case, skip_ignored=skip, **opts)
+        if ignored == 40 and reduction == "mean":  # nan loss (0/0, as torch); eager's gradients are 0 * inf = nan,
+            assert torch.isnan(got[0]) and all(torch.all(g == 0) for g in got[1:])  # fastreg's exact zeros
+            continue
         assert_close_all(got, want, **TIGHT)
     if ignored:  # ignored rows get exactly zero gradient
         gi = run(fastreg.linear_cross_entropy, case, **opts)[1]

@@ -219,7 +219,15 @@ inline bool is_real(ScalarType s) { return s == ScalarType::Float || s == Scalar
 
 void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_weight, Tensor row_scale,
                    int64_t ignore_index, double label_smoothing, double softcap, double z_loss, bool write_grad,
-                   Tensor loss_rows) {
+                   Tensor loss_rows, std::optional<Tensor> target_probs, std::optional<Tensor> zloss_scale,
+                   std::optional<Tensor> lse_rows, std::optional<Tensor> argmax_rows, double grad_filter_eps,
+                   std::optional<Tensor> block_keep) {
+  auto given = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
+  STD_TORCH_CHECK(!given(target_probs) && !given(zloss_scale) && !given(lse_rows) && !given(argmax_rows) &&
+                      !given(block_keep),
+                  "fastreg::_lce_rows (CUDA): target_probs, zloss_scale, lse_rows, argmax_rows and block_keep are "
+                  "not implemented yet in the CUDA row pass");
+  (void)grad_filter_eps;
   STD_TORCH_CHECK(logits.is_cuda(), "fastreg::_lce_rows (CUDA): logits must be a CUDA tensor");
   STD_TORCH_CHECK(logits.dim() == 2, "fastreg::_lce_rows: logits must be 2-D (rows, V)");
   STD_TORCH_CHECK(logits.is_contiguous(), "fastreg::_lce_rows: logits must be contiguous");

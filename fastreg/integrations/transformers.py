@@ -39,6 +39,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:
