@@ -360,8 +360,10 @@ TABLE_COLUMNS = [
 
 
 def run_workloads(names: list, device: str, shapes: Shapes, warmup: int, repeats: int, max_time, crit,
-                  lce_providers: Optional[list] = None, show_progress: bool = True) -> tuple:
-    """Run the named workloads -> (rows, lines describing the inputs); bar lines go into ``crit``."""
+                  lce_providers: Optional[list] = None, show_progress: bool = True,
+                  done: Callable[[str, list], None] = lambda workload, rows: None) -> tuple:
+    """Run the named workloads -> (rows, lines describing the inputs); bar lines go into ``crit``;
+    ``done(workload, rows)`` after each one (so a long run leaves its finished parts behind)."""
     unknown = [n for n in names if n not in ALL]
     if unknown:
         raise ValueError(f"unknown workload(s) {unknown}; choose from {list(ALL)}")
@@ -392,6 +394,7 @@ def run_workloads(names: list, device: str, shapes: Shapes, warmup: int, repeats
         progress.close()
         bars(crit, wrows)
         rows += wrows
+        done(workload, wrows)
         del cases
         C.free_memory(device)
     return rows, notes
@@ -402,13 +405,16 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
     from .bars import Criteria, CRIT_COLUMNS
     crit = Criteria()
     shapes = Shapes.quick() if args.quick else Shapes()
+
+    def done(workload, rows):
+        for r in rows:
+            r.update(prov)
+        C.append_csv(f"{out_dir}/workloads.csv", rows, CSV_COLUMNS)
+        print(f"\n== loss workload {workload} (issue 11), forward+backward, {prov['device_name']} ==")
+        print(C.render_table(rows, TABLE_COLUMNS), flush=True)
+
     rows, notes = run_workloads(args.workloads, args.device, shapes, args.warmup, args.repeats, args.max_time, crit,
-                                args.lce_providers, show_progress)
-    for r in rows:
-        r.update(prov)
-    C.append_csv(f"{out_dir}/workloads.csv", rows, CSV_COLUMNS)
-    print(f"\n== loss workloads (issue 11): {', '.join(args.workloads)}, forward+backward, {prov['device_name']} ==")
-    print(C.render_table(rows, TABLE_COLUMNS))
+                                args.lce_providers, show_progress, done)
     for n in notes:
         print(n)
     print("\nbar lines (issue 11):")
