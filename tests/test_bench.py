@@ -206,7 +206,7 @@ def test_zipf_targets_follow_the_power_law():
 
 
 def test_peaked_input_has_the_target_entropy():
-    cfg = lce.LCEConfig(256, 32, 2048, torch.bfloat16)
+    cfg = lce.LCEConfig(128, 32, 2048, torch.bfloat16)
     pk = workloads.peaked_inputs(cfg, "cpu")
     assert pk.entropy == pytest.approx(workloads.PEAKED_ENTROPY, abs=0.1)
     x, W = pk.inputs.x.detach(), pk.inputs.W.detach()
@@ -215,7 +215,7 @@ def test_peaked_input_has_the_target_entropy():
     logits = x.double() @ W.double().T  # aligned: the target is near the top, most often first
     t = pk.inputs.t
     rank = (logits > logits.gather(1, t[:, None])).sum(1)
-    assert (rank < 10).double().mean() > 0.8 and (rank == 0).double().mean() > 0.3
+    assert (rank < 10).double().mean() > 0.7 and (rank == 0).double().mean() > 0.2  # chance: 0.005, 0.0005
     assert 0.3 < pk.p_target < 0.95
     # the unigram prior: the mass off the target sits on the frequent (small-id) classes
     p = torch.softmax(logits, 1).scatter(1, t[:, None], 0.0)
@@ -303,3 +303,23 @@ def test_workload_bar_lines():
                                  _row("peaked", auto, None, status="n/a", note="no grad_filter_eps= option"),
                                  _row("peaked", "eager", 1.5)])
     assert all(r["result"] == "FAIL" and "grad_filter_eps" in r["note"] for r in crit.rows)
+
+
+def test_bars_md_carries_the_workloads(tmp_path, monkeypatch):
+    """--bars with the workloads, shrunk: their table, input notes and bar lines land in bars-cpu.md."""
+    import argparse
+    monkeypatch.setattr(bars, "CPU_LCE", lce.LCEConfig(64, 32, 512))
+    monkeypatch.setattr(bars, "CPU_OPTIM", [optim.OptimConfig("adam", 100, 1000)])
+    monkeypatch.setattr(workloads, "Shapes", workloads.Shapes.quick)
+    monkeypatch.setattr(C, "copy_bandwidth_gbs", lambda *a, **k: 10.0)
+    real_bench_size = lce.bench_size
+    monkeypatch.setattr(lce, "bench_size", lambda *a, **k: real_bench_size(*a, **{**k, "memory": False}))
+    args = argparse.Namespace(device="cpu", warmup=0, repeats=1, max_time=None, workloads=["sft"])
+    prov = C.provenance("cpu")
+    bars.run(args, prov, str(tmp_path), show_progress=False)
+    md = (tmp_path / "bars-cpu.md").read_text()
+    assert "## Loss workloads (issue 11" in md and "| masked 50%" in md and "| unmasked" in md
+    assert "fastreg masked / fastreg unmasked time" in md and "speedup vs eager (masked)" in md
+    rows = read_csv(tmp_path / "workloads.csv")
+    assert {r["workload"] for r in rows} == {"sft"} and all(r["fastreg_commit"] for r in rows)
+    assert {r["provider"] for r in rows if r["workload"] == "sft"} >= {"fastreg", "eager", "native", "floor"}

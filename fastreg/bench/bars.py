@@ -120,7 +120,8 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
     _lce_bars(crit, lce_rows, device)
     if device == "cpu" and getattr(args, "workloads", None):  # issue 11's workloads (CPU bars; fixed shapes)
         work_rows, work_notes = workloads.run_workloads(args.workloads, device, workloads.Shapes(), args.warmup,
-                                                        args.repeats, args.max_time, crit, show_progress=False)
+                                                        args.repeats, args.max_time, crit, lce_names,
+                                                        show_progress=False)
         for r in work_rows:
             r.update(prov)
 
