@@ -206,7 +206,7 @@ def test_zipf_targets_follow_the_power_law():
 
 
 def test_peaked_input_has_the_target_entropy():
-    cfg = lce.LCEConfig(128, 32, 2048, torch.bfloat16)
+    cfg = lce.LCEConfig(256, 32, 2048, torch.bfloat16)
     pk = workloads.peaked_inputs(cfg, "cpu")
     assert pk.entropy == pytest.approx(workloads.PEAKED_ENTROPY, abs=0.1)
     x, W = pk.inputs.x.detach(), pk.inputs.W.detach()
