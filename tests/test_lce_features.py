@@ -223,7 +223,7 @@ def test_gradcheck(kind):
     if kind == "probs":
         case, opts = probs_case(6, 3, 11), dict(label_smoothing=0.1, z_loss=0.01)
     else:
-        case = make(8, 3, 70, bias=True, class_weight=True, ignore=3, lead=(2, 4))
+        case = make(8, 3, 30, bias=True, class_weight=True, ignore=3, lead=(2, 4))
         opts = dict(shift=True) if kind == "shift" else dict(z_loss=0.01, chunk_size=3)
     for reduction in ("mean", "none"):
         def f(x, w, b):
@@ -245,3 +245,26 @@ def test_module_options():
     torch.testing.assert_close(loss, want, **TIGHT)
     torch.testing.assert_close(stats.lse, lse, **TIGHT)
     assert "shift=True" in repr(mod)
+
+
+# ------------------------------------------------------------------------------- both devices
+@pytest.mark.parametrize("skip", [None, True, False])
+def test_options_on_device_match_cpu_float64(device, skip):
+    """The driver's options on each device (CUDA: skip_ignored=True opts into the one-sync
+    compaction, None keeps the full GEMMs) against the float64 eager composition."""
+    case = make(40, 16, 300, dtype=torch.float32, device=device, bias=True, class_weight=True, ignore=17,
+                lead=(4, 10))
+    exact = {k: (v.double().cpu() if v is not None and v.is_floating_point() else v.cpu() if v is not None else None)
+             for k, v in case.items()}
+    opts = dict(z_loss=1e-2, label_smoothing=0.1, chunk_size=16, shift=True)
+    args = [case[k] for k in ("input", "linear_weight", "target")]
+    loss, stats = fastreg.linear_cross_entropy(*args, linear_bias=case["linear_bias"], weight=case["weight"],
+                                               skip_ignored=skip, return_stats=True, **opts)
+    want, (lse, pred, acc) = reference(*[exact[k] for k in ("input", "linear_weight", "target")],
+                                       linear_bias=exact["linear_bias"], weight=exact["weight"], return_stats=True,
+                                       **opts)
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.lse.double().cpu(), lse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats.predictions.cpu(), pred)
+    got = run(fastreg.linear_cross_entropy, case, skip_ignored=skip, **opts)
+    assert_close_all(got, run(reference, exact, **opts), rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@
 // three GEMM calls and a row-pass dispatch would dominate. The autograd formula is the C++
 // kernel at the Autograd key at the bottom of this file: the Python API makes one call.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -27,6 +28,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "lce/lce_math.h"
 #include "small/small_dense.h"
@@ -204,37 +206,15 @@ constexpr int64_t kFilterTileRows = 256, kFilterBlockCols = 256;
 void lce_rows(Tensor& logits, const Tensor& target, const Tensor& probs, const Tensor& cw, const Tensor& row_scale,
               const RowArgs& a, bool write_grad, Tensor& loss_rows, const Tensor& lse, const Tensor& argmax,
               double filter_eps, const Tensor& block_keep) {
-  // Boxed, so the driver also runs against a row pass without the issue-11 arguments (it then
-  // refuses the options that need them).
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastreg::_lce_rows", "");
-  static const bool extended = op.schema().arguments().size() > 10;
+  using opt_t = const std::optional<Tensor>&;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastreg::_lce_rows", "")
+                       .typed<void(Tensor&, const Tensor&, opt_t, const Tensor&, int64_t, double, double, double, bool,
+                                   Tensor&, opt_t, opt_t, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                   double, const std::optional<Tensor>&)>();
   auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
-  torch::jit::Stack stack;
-  stack.reserve(16);
-  stack.emplace_back(logits);
-  stack.emplace_back(target);
-  stack.emplace_back(opt(cw));
-  stack.emplace_back(row_scale);
-  stack.emplace_back(a.ignore_index);
-  stack.emplace_back(a.label_smoothing);
-  stack.emplace_back(a.softcap);
-  stack.emplace_back(a.z_loss);
-  stack.emplace_back(write_grad);
-  stack.emplace_back(loss_rows);
-  if (extended) {
-    stack.emplace_back(opt(probs));
-    stack.emplace_back(opt(a.zloss_scale));
-    stack.emplace_back(opt(lse));
-    stack.emplace_back(opt(argmax));
-    stack.emplace_back(filter_eps);
-    stack.emplace_back(opt(block_keep));
-  } else {
-    TORCH_CHECK(!probs.defined() && !a.zloss_scale.defined() && !lse.defined() && !argmax.defined() &&
-                    !block_keep.defined(),
-                "fastreg.linear_cross_entropy: this build's row pass (fastreg::_lce_rows) lacks class-probability "
-                "targets, z-loss scaling, statistics and gradient filtering");
-  }
-  op.callBoxed(&stack);
+  op.call(logits, target, opt(cw), row_scale, a.ignore_index, a.label_smoothing, a.softcap, a.z_loss, write_grad,
+          loss_rows, opt(probs), opt(a.zloss_scale), opt(lse), opt(argmax), filter_eps, opt(block_keep));
 }
 
 struct Grads {
@@ -252,45 +232,153 @@ struct ChunkRows {
   Tensor take(const Tensor& t) const { return index.defined() ? t.index_select(0, index) : t.narrow(0, r0, rows); }
 };
 
+// grad_W[t_i] += val_i * x_i over the active rows i, on CPU: the rows are grouped by target and
+// each target's rows summed in the accumulate dtype, then added to grad_W once (one rounding for a
+// reduced-precision grad_W, however often a class is the target). Parallel over the targets.
+void add_target_rows_cpu(Tensor& gw, const Tensor& x, const Tensor& target, const Tensor& val, const Tensor& active) {
+  const int64_t rows = x.size(0), D = x.size(1);
+  const Tensor xd = x.stride(1) == 1 ? x : x.contiguous();
+  const Tensor t = target.contiguous(), a = active.contiguous(), v = val.contiguous();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  const bool* ap = a.const_data_ptr<bool>();
+  std::vector<int64_t> order;
+  order.reserve(rows);
+  for (int64_t i = 0; i < rows; ++i)
+    if (ap[i]) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return tp[i] < tp[j]; });
+  std::vector<int64_t> starts;
+  for (size_t k = 0; k < order.size(); ++k)
+    if (k == 0 || tp[order[k]] != tp[order[k - 1]]) starts.push_back(static_cast<int64_t>(k));
+  starts.push_back(static_cast<int64_t>(order.size()));
+  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastreg_lce_target_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xd.const_data_ptr<scalar_t>();
+    const acc_t* vp = v.const_data_ptr<acc_t>();
+    const int64_t xs = xd.stride(0), gs = gw.stride(0);
+    auto add_rows = [&](auto* gp) {
+      at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+        std::vector<acc_t> sum(D);
+        for (int64_t g = g0; g < g1; ++g) {
+          std::fill(sum.begin(), sum.end(), acc_t(0));
+          for (int64_t k = starts[g]; k < starts[g + 1]; ++k) {
+            const int64_t i = order[k];
+            const acc_t s = vp[i];
+            const scalar_t* xi = xp + i * xs;
+            for (int64_t d = 0; d < D; ++d) sum[d] += s * static_cast<acc_t>(xi[d]);
+          }
+          auto* out = gp + tp[order[starts[g]]] * gs;
+          for (int64_t d = 0; d < D; ++d) out[d] = static_cast<acc_t>(out[d]) + sum[d];
+        }
+      });
+    };
+    if (gw.scalar_type() == x.scalar_type()) add_rows(gw.data_ptr<scalar_t>());
+    else add_rows(gw.data_ptr<acc_t>());
+  });
+}
+
 // dX and dW of one chunk from its gradient logits, leaving out the vocabulary blocks whose
-// gradients the row pass found below grad_filter_eps in every row of a tile (block_keep, read on
-// the host). Runs of kept blocks are merged into one GEMM each. grad_W accumulates in gw_acc
-// (fp32/fp64); gi receives the tile's dX.
-void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc, const Tensor& keep_dev, Tensor gi,
-                       Tensor& gw_acc, bool want_gi, bool want_gw) {
-  const Tensor keep = keep_dev.cpu();  // one device sync per chunk on CUDA (documented)
-  const int64_t tiles = keep.size(0), blocks = keep.size(1), rows = logits.size(0);
-  // the row pass's tiling: tile height ceil(rows / tiles), block width ceil(V / blocks)
-  const int64_t th = (rows + tiles - 1) / tiles, bw = (p.V + blocks - 1) / blocks;
-  const uint8_t* k = keep.const_data_ptr<uint8_t>();
-  const bool direct = gw_acc.scalar_type() == logits.scalar_type();
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t t0 = t * th, tn = std::min(th, rows - t0);
-    if (tn <= 0) break;
-    const Tensor lt = logits.narrow(0, t0, tn), xt = xc.narrow(0, t0, tn);
-    Tensor git = want_gi ? gi.narrow(0, t0, tn) : Tensor();
-    bool gi_written = false;
-    for (int64_t b = 0; b < blocks;) {
-      if (!k[t * blocks + b]) { ++b; continue; }
-      int64_t e = b;
-      while (e < blocks && k[t * blocks + e]) ++e;
-      const int64_t c0 = b * bw, cn = std::min(e * bw, p.V) - c0;
-      b = e;
-      const Tensor lb = lt.narrow(1, c0, cn);
-      if (want_gi) {
-        if (!gi_written) at::mm_out(git, lb, p.w.narrow(0, c0, cn));
-        else git.addmm_(lb, p.w.narrow(0, c0, cn));
-        gi_written = true;
-      }
-      if (want_gw) {
-        Tensor gwb = gw_acc.narrow(0, c0, cn);
-        if (direct) gwb.addmm_(lb.t(), xt);
-        else if (!p.x.is_cpu()) at::addmm_out(gwb, gwb, lb.t(), xt, gw_acc.scalar_type());
-        else gwb.add_(at::mm(lb.t(), xt));  // (no mixed-dtype GEMM on CPU)
-      }
-    }
-    if (want_gi && !gi_written) git.zero_();
+// gradients the row pass found <= eps. The row pass marks blocks per row (block_keep has one row
+// per logits row); here rows are grouped into tiles of kFilterTileRows and each tile's GEMMs take
+// the union of its rows' blocks, runs of kept blocks merged into one GEMM each. With class-index
+// targets the one-hot part of each row's gradient (the entry at its target, of size ~s) would keep
+// the target's block in every row; it is taken out of the logits and added by a gather (dX) and
+// an index_add (dW, db) instead, and the target's block stays only if another of its entries
+// exceeds eps. block_keep is read on the host: on CUDA one sync per chunk.
+void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc, const Tensor& target,
+                       const Tensor& keep_dev, double eps, Tensor gi, Tensor& gw_acc, Tensor gb_acc, bool want_gi,
+                       bool want_gw, bool first_chunk) {
+  const int64_t rows = logits.size(0), blocks = keep_dev.size(1);
+  const int64_t bw = (p.V + blocks - 1) / blocks;  // the row pass's block width
+  Tensor idx, val, active;
+  if (target.defined()) {
+    active = (target >= 0) & (target < p.V);
+    idx = target.clamp(0, p.V - 1).unsqueeze(1);
+    // (flat indices into the contiguous chunk: scatter_/gather on the (rows, V) view copy it whole)
+    const Tensor flat = at::arange(rows, idx.options()) * p.V + idx.squeeze(1);
+    Tensor all = logits.view({-1});
+    val = at::where(active, all.index_select(0, flat), 0);
+    all.index_fill_(0, flat, 0);
+    const Tensor first = idx.div(bw, "floor");
+    Tensor cols = first * bw + at::arange(bw, idx.options()).unsqueeze(0);  // (rows, bw): the target's block
+    const Tensor inside = cols < p.V;
+    const Tensor entries = logits.gather(1, cols.clamp_max_(p.V - 1));
+    const Tensor hit = (((entries.abs() > eps) | entries.isnan()) & inside).any(1) & active;
+    keep_dev.scatter_(1, first, hit.to(at::kByte).unsqueeze(1));
   }
+  const Tensor keep = keep_dev.cpu();  // one device sync per chunk on CUDA (documented)
+  const uint8_t* k = keep.const_data_ptr<uint8_t>();
+  // Runs [first, last) of set entries of a block mask, as column ranges.
+  auto for_runs = [&](const std::vector<uint8_t>& mask, auto&& fn) {
+    for (int64_t b = 0; b < blocks;) {
+      if (!mask[b]) { ++b; continue; }
+      int64_t e = b;
+      while (e < blocks && mask[e]) ++e;
+      const int64_t c0 = b * bw, cn = std::min(e * bw, p.V) - c0;
+      if (cn > 0) fn(c0, cn);
+      b = e;
+    }
+  };
+  std::vector<uint8_t> tile_keep(blocks), chunk_keep(blocks, 0);
+  for (int64_t t0 = 0; t0 < rows; t0 += kFilterTileRows) {
+    const int64_t tn = std::min(kFilterTileRows, rows - t0);
+    std::fill(tile_keep.begin(), tile_keep.end(), 0);
+    for (int64_t r = t0; r < t0 + tn; ++r)
+      for (int64_t b = 0; b < blocks; ++b) tile_keep[b] |= k[r * blocks + b];
+    for (int64_t b = 0; b < blocks; ++b) chunk_keep[b] |= tile_keep[b];
+    if (!want_gi) continue;
+    // dX of the tile's rows from the tile's kept blocks
+    const Tensor lt = logits.narrow(0, t0, tn);
+    Tensor git = gi.narrow(0, t0, tn);
+    bool written = false;
+    for_runs(tile_keep, [&](int64_t c0, int64_t cn) {
+      if (!written) at::mm_out(git, lt.narrow(1, c0, cn), p.w.narrow(0, c0, cn));
+      else git.addmm_(lt.narrow(1, c0, cn), p.w.narrow(0, c0, cn));
+      written = true;
+    });
+    if (!written) git.zero_();
+  }
+  if (want_gw) {
+    // dW of the blocks some tile kept, over all the chunk's rows: one GEMM per run, so a grad_W of
+    // the input's dtype is written with one rounding (rows of other tiles add their small true
+    // values, never an error). The first chunk writes the runs and zeroes the gaps.
+    const bool direct = gw_acc.scalar_type() == logits.scalar_type();
+    int64_t gap0 = 0;
+    for_runs(chunk_keep, [&](int64_t c0, int64_t cn) {
+      Tensor gwb = gw_acc.narrow(0, c0, cn);
+      const Tensor lb = logits.narrow(1, c0, cn).t();
+      if (first_chunk && direct) {
+        if (c0 > gap0) gw_acc.narrow(0, gap0, c0 - gap0).zero_();
+        at::mm_out(gwb, lb, xc);
+      } else if (direct) {
+        gwb.addmm_(lb, xc);
+      } else if (!p.x.is_cpu()) {
+        at::addmm_out(gwb, gwb, lb, xc, gw_acc.scalar_type());
+      } else {
+        gwb.add_(at::mm(lb, xc));  // (no mixed-dtype GEMM on CPU)
+      }
+      gap0 = c0 + cn;
+    });
+    if (first_chunk && direct && p.V > gap0) gw_acc.narrow(0, gap0, p.V - gap0).zero_();
+  }
+  if (!target.defined()) return;
+  // the targets' entries, in the accumulate dtype
+  const Tensor v = val.to(p.acc).unsqueeze(1);
+  if (want_gi) gi.add_(at::where(active.unsqueeze(1), p.w.index_select(0, idx.squeeze(1)) * v, 0));
+  if (want_gw && xc.is_cpu()) {
+    add_target_rows_cpu(gw_acc, xc, idx.squeeze(1), val.to(p.acc), active);
+  } else if (want_gw) {
+    const Tensor rows_x = at::where(active.unsqueeze(1), xc * v, 0);
+    if (gw_acc.scalar_type() == p.acc) {
+      gw_acc.index_add_(0, idx.squeeze(1), rows_x);
+    } else {  // sum the rows of each target in fp32 first: a frequent target must not accumulate in bf16
+      const auto [classes, inverse, counts] = at::_unique2(idx.squeeze(1), true, true, false);
+      Tensor sums = at::zeros({classes.size(0), p.D}, rows_x.options());
+      sums.index_add_(0, inverse, rows_x);
+      gw_acc.index_add_(0, classes, sums.to(gw_acc.scalar_type()));
+    }
+  }
+  if (gb_acc.defined()) gb_acc.index_add_(0, idx.squeeze(1), v.squeeze(1).to(gb_acc.scalar_type()));
 }
 
 // The chunk loop. row_scale: (1,) or (N,) upstream scale of each row's loss (used iff write_grad).
@@ -311,10 +399,10 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
   // grad_W: straight into an fp32/fp64 grad_W; in reduced precision straight into a grad_W of the
   // input's dtype when one GEMM makes it (the GEMM accumulates in fp32 and rounds once, as eager);
   // else accumulated in fp32 (CUDA: through cuBLAS's fp32 output; CPU: a partial product per chunk).
-  const bool gw_direct = dt == p.acc || (one_chunk && !filter);
+  const bool gw_direct = dt == p.acc || one_chunk;
   if (want_gi) g.input = compact ? at::zeros({p.N, p.D}, p.x.options()) : at::empty({p.N, p.D}, p.x.options());
   if (want_gw) {
-    const bool zero = M == 0 || filter || (!gw_direct && !p.x.is_cpu());
+    const bool zero = M == 0 || (filter && !gw_direct) || (!gw_direct && !p.x.is_cpu());
     g.weight = zero ? at::zeros({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc))
                     : at::empty({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc));
   }
@@ -364,8 +452,7 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
     const Tensor tc = p.probs.defined() ? p.target : cr.take(p.target);
     const Tensor pc = p.probs.defined() ? cr.take(p.probs) : Tensor();
     if (filter) {
-      const int64_t tiles = (rows + kFilterTileRows - 1) / kFilterTileRows;
-      keep = at::zeros({tiles, blocks}, p.x.options().dtype(at::kByte));
+      keep = at::zeros({rows, blocks}, p.x.options().dtype(at::kByte));  // per row: grouped into tiles later
     }
     lce_rows(logits, tc, pc, p.cw, sc, a, write_grad, lr, lse, amax, filter ? a.grad_filter_eps : 0.0,
              filter ? keep : Tensor());
@@ -377,7 +464,9 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
     Tensor gi;
     if (want_gi) gi = compact ? gibuf.narrow(0, 0, rows) : g.input.narrow(0, c0, rows);
     if (filter) {
-      filtered_backward(p, logits, xc, keep, gi, g.weight, want_gi, want_gw);
+      filtered_backward(p, logits, xc, p.probs.defined() ? Tensor() : tc, keep, a.grad_filter_eps, gi, g.weight,
+                        want_gb ? g.bias : Tensor(), want_gi, want_gw, !gw_started);
+      gw_started = true;
     } else {
       if (want_gi) at::mm_out(gi, logits, p.w);
       if (want_gw) {

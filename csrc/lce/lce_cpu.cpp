@@ -5,17 +5,18 @@
 //      sum_c w_c z_c (label smoothing, class-index targets)
 //   2. sum_c exp(z_c - max)  -> lse, the row loss (lce_math.h); with probability targets also
 //      Q = sum_c w_c q'_c and S = sum_c w_c q'_c (z_c - max)
-//   3. gradient written in place over the logits: (A p_c - B w_c - [c == t] C) * softcap'(z_c), or
-//      s ((Q + 2 l lse) p_c - w_c q'_c) * softcap'(z_c); block_keep marks the vocabulary blocks that
+//   3. gradient written in place over the logits: (A p_c - B w_c - [c == t] C) * softcap'(a_c), or
+//      s ((Q + 2 l lse) p_c - w_c q'_c) * softcap'(a_c); block_keep marks the vocabulary blocks that
 //      hold an entry with |g| > grad_filter_eps.
-// float, bfloat16 and float16 rows run on explicit 16-lane fp32 vectors (GCC/clang vector extensions):
-// 16-bit values are widened/narrowed 16 lanes at a time in registers (round to nearest even, as
-// torch's casts), no scalar scratch copy. Softcapped 16-bit rows keep their softcapped fp32 values
-// in a per-thread row buffer (rounding them to 16 bits would change the loss); float rows are
-// softcapped in place. The row loop of a chunk is one function per dtype, compiled three times
-// via target_clones on x86-64 (AVX-512, AVX2, baseline) and picked at load time -- one indirect
-// call per chunk slice, not per row; on aarch64 it compiles to NEON (common.h). double rows
-// (gradcheck, float64 users) use scalar libm maths.
+// float, bfloat16 and float16 rows run on explicit 16-lane fp32 vectors (csrc/lce/lce_cpu_simd.h,
+// GCC/clang vector extensions): 16-bit values are widened/narrowed 16 lanes at a time in registers
+// (round to nearest even, as torch's casts), no scalar scratch copy. With softcap the softcapped
+// fp32 values go to a per-thread row buffer (L1/L2-resident) and the raw logits stay in place: the
+// softcap derivative is taken from the raw logit (lce_math.h softcap_grad_from_input), accurate also
+// where tanh saturates. The vector code is compiled once per ISA (x86-64: AVX-512, AVX2, baseline;
+// elsewhere, e.g. aarch64 NEON, once) and the ISA is picked once per process; the row loop of a
+// chunk slice is one call, with the option flags dispatched once per slice, not per row.
+// double rows (gradcheck, float64 users) use scalar libm maths.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -39,159 +40,6 @@
 namespace fastreg {
 namespace {
 
-// ------------------------------------------------------------------ 16-lane float vectors
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-constexpr int64_t kW = 16;
-
-#define FR_INLINE __attribute__((always_inline)) inline
-
-FR_INLINE vf splat(float a) { return vf{} + a; }
-FR_INLINE vi splati(int32_t a) { return vi{} + a; }
-constexpr vi kLanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-FR_INLINE vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-FR_INLINE vf vabs(vf x) { return (vf)((vi)x & splati(0x7fffffff)); }
-
-// ---- storage <-> fp32 lanes: float, bfloat16, float16 (bit-exact like c10's scalar casts)
-FR_INLINE vf widen(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-FR_INLINE void narrow(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-FR_INLINE vh load_h(const void* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof(h));
-  return h;
-}
-FR_INLINE vf widen(const c10::BFloat16* p) { return (vf)(__builtin_convertvector(load_h(p), vu) << 16); }
-FR_INLINE void narrow(c10::BFloat16* p, vf v) {
-  const vu u = (vu)v;
-  vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  r = (vu)(v != v ? splati(0x7fc0) : (vi)r);       // NaN -> the canonical quiet NaN (as c10)
-  const vh h = __builtin_convertvector(r, vh);
-  std::memcpy(p, &h, sizeof(h));
-}
-FR_INLINE vf widen(const c10::Half* p) {
-  const vi h = __builtin_convertvector(load_h(p), vi);
-  const vi sign = (h & 0x8000) << 16, em = h & 0x7fff;
-  // normal: rebias the exponent by 127 - 15; inf/NaN: exponent all ones; subnormal: em * 2^-24 (exact)
-  vi normal = (em << 13) + splati((127 - 15) << 23);
-  normal = em >= 0x7c00 ? normal + splati((128 - 16) << 23) : normal;
-  const vf sub = __builtin_convertvector(em, vf) * splat(5.9604644775390625e-08f);
-  return (vf)(sign | (em < 0x400 ? (vi)sub : normal));
-}
-FR_INLINE void narrow(c10::Half* p, vf v) {
-  const vi u = (vi)v;
-  const vi sign = (u >> 16) & 0x8000, a = u & 0x7fffffff;
-  vi normal = ((a - 0x38000000) + 0xfff + ((a >> 13) & 1)) >> 13;  // round to nearest even
-  normal = normal > 0x7c00 ? splati(0x7c00) : normal;               // overflow -> inf
-  // subnormal results (|v| < 2^-14): |v| + 0.5 rounds |v| to a multiple of 2^-24, nearest even
-  const vi sub = (vi)(vabs(v) + splat(0.5f)) - (vi)splat(0.5f);
-  vi r = a < 0x38800000 ? sub : normal;
-  r = a > 0x7f800000 ? splati(0x7e00) : r;  // NaN
-  const vh h = __builtin_convertvector(r | sign, vh);
-  std::memcpy(p, &h, sizeof(h));
-}
-
-// Lanes [0, n) from p, the rest `fill` (n <= kW; a full vector is a plain load).
-template <typename S>
-FR_INLINE vf load_part(const S* p, int64_t n, float fill) {
-  if (n == kW) return widen(p);
-  S tmp[kW] = {};
-  for (int64_t i = 0; i < n; ++i) tmp[i] = p[i];
-  return select(kLanes < splati(int32_t(n)), widen(tmp), splat(fill));
-}
-template <typename S>
-FR_INLINE void store_part(S* p, vf v, int64_t n) {
-  if (n == kW) return narrow(p, v);
-  S tmp[kW];
-  narrow(tmp, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
-}
-// What a stored lane reads back as (block_keep tests the value written, after rounding).
-template <typename S>
-FR_INLINE vf as_stored(vf v) {
-  if constexpr (std::is_same_v<S, float>) {
-    return v;
-  } else {
-    S tmp[kW];
-    narrow(tmp, v);
-    return widen(tmp);
-  }
-}
-
-// The running max as a bitwise blend (GCC lowers a `mask ? x : acc` select to a branch per lane,
-// measured: most of the row pass's time at V = 32). NaN-propagating like nan_max, and it keeps the
-// FIRST NaN of a lane: the lane's first-maximum index (argmax) follows the same blend.
-FR_INLINE vi take_new_max(vf acc, vf x) { return (x > acc) | ((x != x) & (acc == acc)); }
-FR_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = nan_max(m, float(v[i]));
-  return m;
-}
-FR_INLINE float hsum(vf v) {
-  // pairwise (lane i + lane i + 8, then + 4, ...), so the result does not depend on a long serial
-  // chain; on halves of the register, not lanes in memory
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  const float a0 = h4[0] + h4[2], a1 = h4[1] + h4[3];
-  return a0 + a1;
-}
-FR_INLINE bool any_lane(vi m) {
-  typedef int32_t v8 __attribute__((vector_size(32)));
-  typedef int32_t v4 __attribute__((vector_size(16)));
-  const v8 h8 = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7) |
-                __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) | __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  return (h4[0] | h4[1] | h4[2] | h4[3]) != 0;
-}
-
-// exp(x) to ~1 ulp for x in [-87, 88]; exactly 0 below -87 (no denormals), NaN propagates.
-FR_INLINE vf vexp(vf x) {
-  const vf hi = splat(88.0f), lo = splat(-87.0f);
-  const vi underflow = x < lo;
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf t = x * splat(1.44269504088896341f) + shifter;
-  vf n = t - shifter;
-  vi ni = (vi)t - (vi)shifter;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.0f / 5040.0f);
-  p = p * r + splat(1.0f / 720.0f);
-  p = p * r + splat(1.0f / 120.0f);
-  p = p * r + splat(1.0f / 24.0f);
-  p = p * r + splat(1.0f / 6.0f);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  vi bits = (ni + 127) << 23;
-  return underflow ? splat(0.0f) : p * (vf)bits;
-}
-// tanh lane-wise, the two branches of lce_math.h's softcap_tanh: the odd polynomial below
-// kSoftcapTanhPolyBound (no cancellation for small |x|), 1 - 2 / (e^{2|x|} + 1) above.
-FR_INLINE vf vtanh(vf x) {
-  const vf ax = vabs(x);
-  const vf u = x * x;
-  vf p = splat(kSoftcapTanhPoly[4]);
-  p = p * u + splat(kSoftcapTanhPoly[3]);
-  p = p * u + splat(kSoftcapTanhPoly[2]);
-  p = p * u + splat(kSoftcapTanhPoly[1]);
-  p = p * u + splat(kSoftcapTanhPoly[0]);
-  const vf small = x + x * u * p;
-  const vf e = vexp(splat(2.0f) * ax);
-  const vf big = splat(1.0f) - splat(2.0f) / (e + splat(1.0f));
-  const vf big_signed = (vf)((vi)big | ((vi)x & splati(int32_t(0x80000000u))));
-  return select(ax < splat(kSoftcapTanhPolyBound), small, big_signed);
-}
-
 // Everything a chunk's row pass reads and writes; A is the accumulate type (float, double for
 // float64 logits).
 template <typename A>
@@ -214,27 +62,14 @@ struct Chunk {
   int64_t tile_h = 1, block_w = 1, num_blocks = 1;
 };
 
-FR_INLINE void mark_block(uint8_t* p) {
+inline void mark_block(uint8_t* p) {
   std::atomic_ref<uint8_t> flag(*p);
   if (flag.load(std::memory_order_relaxed) == 0) flag.store(1, std::memory_order_relaxed);
 }
 
-// block_keep for the gradient lanes g of columns [c, c + n) of one row (keep_row: the row's tile).
-template <typename A>
-FR_INLINE void mark_lanes(const Chunk<A>& k, uint8_t* keep_row, int64_t c, vf g, int64_t n) {
-  const int64_t b0 = c / k.block_w, b1 = (c + n - 1) / k.block_w;
-  if (b0 == b1 && std::atomic_ref<uint8_t>(keep_row[b0]).load(std::memory_order_relaxed) != 0) return;
-  vi hit = (vabs(g) > splat(float(k.keep_eps))) | (g != g);
-  if (n < kW) hit &= kLanes < splati(int32_t(n));
-  if (!any_lane(hit)) return;
-  if (b0 == b1) return mark_block(keep_row + b0);
-  for (int64_t i = 0; i < n; ++i)
-    if (hit[i]) mark_block(keep_row + (c + i) / k.block_w);
-}
-
 // An ignored row: loss 0, lse 0, argmax -1, zero gradient.
 template <typename S, typename A>
-FR_INLINE void ignored_row(const Chunk<A>& k, int64_t r) {
+inline void ignored_row(const Chunk<A>& k, int64_t r) {
   k.loss[r] = A(0);
   if (k.lse) k.lse[r] = A(0);
   if (k.argmax) k.argmax[r] = -1;
@@ -244,179 +79,58 @@ FR_INLINE void ignored_row(const Chunk<A>& k, int64_t r) {
   }
 }
 
-// The fp32 row pass over storage S (float, BFloat16, Half). kSoft: probability targets;
-// kW8: class weights are read per class (smoothing or probability targets; otherwise only w_t is).
-// capbuf: V floats of per-thread scratch (softcapped 16-bit rows only).
-template <typename S, bool kCap, bool kW8, bool kSoft>
-FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbuf) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  const int64_t V = k.V;
-  S* row = static_cast<S*>(k.logits) + r * V;
-  const S* q = kSoft ? static_cast<const S*>(k.probs) + r * V : nullptr;
-  const bool smoothing = lce_smoothing_used(k.eps);
-  const bool want_wz = !kSoft && smoothing;  // else no w_c with c != t is read (lce_math.h)
-  const vf cap = splat(k.softcap), inv_cap = splat(1.0f / k.softcap);
-  // softcapped values: in place for float rows, else the scratch row (16-bit storage would round them)
-  float* work = nullptr;
-  if constexpr (kCap) work = std::is_same_v<S, float> ? reinterpret_cast<float*>(row) : capbuf;
-  auto load_z = [&](int64_t c, int64_t n, float fill) {
-    if constexpr (kCap) return load_part(work + c, n, fill);
-    else return load_part(row + c, n, fill);
-  };
 
-  // pass 1: softcap, max (+ first index per lane), sum_c w_c z_c
-  vf vm = splat(-kInf), vwz = splat(0.0f);
-  vi vidx = kLanes;  // an all -inf row has its first maximum at 0
-  const bool want_arg = k.argmax != nullptr;
-  for (int64_t c = 0; c < V; c += kW) {
-    const int64_t n = std::min(kW, V - c);
-    vf x = load_part(row + c, n, -kInf);
-    if constexpr (kCap) {
-      x = cap * vtanh(x * inv_cap);  // tanh(-inf) = -1: tail lanes become -cap
-      if (n < kW) x = select(kLanes < splati(int32_t(n)), x, splat(-kInf));
-      store_part(work + c, x, n);
-    }
-    const vi take = take_new_max(vm, x);
-    vm = select(take, x, vm);
-    if (want_arg) vidx = take ? kLanes + int32_t(c) : vidx;
-    if (want_wz) {
-      const vf xz = n == kW ? x : select(kLanes < splati(int32_t(n)), x, splat(0.0f));
-      vwz += kW8 ? xz * load_part(k.cw + c, n, 0.0f) : xz;
-    }
-  }
-  const float m = hmax(vm);
-  // an all -inf row (every class masked): lse = -inf like torch.logsumexp, loss and gradient NaN like torch
-  const float m_shift = m == -kInf ? 0.0f : m;
-  if (want_arg) {
-    int32_t best = std::numeric_limits<int32_t>::max();
-    for (int i = 0; i < kW; ++i) {
-      const bool at_max = m != m ? vm[i] != vm[i] : vm[i] == m;
-      if (at_max) best = std::min(best, int32_t(vidx[i]));
-    }
-    k.argmax[r] = best;
-  }
-  // pass 2: sum_c exp(z_c - m) (tail lanes hold -inf, whose exp is exactly 0); Q and S
-  const vf vmx = splat(m_shift);
-  const float inv_v = 1.0f / float(V);
-  const vf one_minus_e = splat(1.0f - k.eps), e_over_v = splat(k.eps * inv_v);
-  vf vs = splat(0.0f), vQ = splat(0.0f), vS = splat(0.0f);
-  for (int64_t c = 0; c < V; c += kW) {
-    const int64_t n = std::min(kW, V - c);
-    const vf x = load_z(c, n, -kInf);
-    vs += vexp(x - vmx);
-    if constexpr (kSoft) {
-      vf wq = load_part(q + c, n, 0.0f);
-      if (smoothing) wq = one_minus_e * wq + e_over_v;
-      if (kW8) wq *= load_part(k.cw + c, n, 0.0f);
-      vf d = x - vmx;
-      if (n < kW) {
-        const vi valid = kLanes < splati(int32_t(n));
-        wq = select(valid, wq, splat(0.0f));
-        d = select(valid, d, splat(0.0f));
-      }
-      vQ += wq;
-      vS += wq * d;
-    }
-  }
-  const float se = hsum(vs);
-  const float lse = m_shift + std::log(se);
-  if (k.lse) k.lse[r] = lse;
-  float w_t = 1.0f, Q = 0.0f;
-  if constexpr (kSoft) {
-    Q = hsum(vQ);
-    k.loss[r] = lce_soft_row_loss<float>(lse, m_shift, Q, hsum(vS), k.zloss);
-  } else {
-    const float z_t = kCap ? work[t] : static_cast<float>(row[t]);
-    w_t = k.cw ? k.cw[t] : 1.0f;
-    k.loss[r] = lce_row_loss<float>(lse, z_t, w_t, hsum(vwz), k.w_sum, k.eps, V, k.zloss);
-  }
-  if (!k.write_grad) return;
+// ------------------------------------------------------------------ the vector row pass, per ISA
+// (lce_cpu_simd.h; x86-64: AVX-512, AVX2 and baseline, picked once at load; elsewhere one build)
+#if defined(FASTREG_X86_ISAS)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#endif
+namespace isa_avx512 {
+#include "lce/lce_cpu_simd.h"
+}  // namespace isa_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace isa_avx2 {
+#include "lce/lce_cpu_simd.h"
+}  // namespace isa_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // FASTREG_X86_ISAS
+namespace isa_base {
+#include "lce/lce_cpu_simd.h"
+}  // namespace isa_base
 
-  // pass 3: the gradient, in place
-  const float s = k.scale[r * k.scale_stride];
-  vf A, B;
-  float C = 0.0f;
-  if constexpr (kSoft) {
-    A = splat(s * (Q + 2.0f * k.zloss * lse) / se);  // A p_c = (A / se) exp(z_c - m)
-    B = splat(s);
-  } else {
-    const LceGradCoefs<float> g = lce_grad_coefs<float>(s, lse, w_t, k.w_sum, k.eps, V, k.zloss);
-    A = splat(g.A / se);
-    B = splat(g.B);
-    C = g.C;
-  }
-  uint8_t* keep_row = k.keep ? k.keep + (r / k.tile_h) * k.num_blocks : nullptr;
-  const vi vt = splati(int32_t(t));
-  for (int64_t c = 0; c < V; c += kW) {
-    const int64_t n = std::min(kW, V - c);
-    const vf x = load_z(c, n, 0.0f);
-    vf g = A * vexp(x - vmx);
-    if constexpr (kSoft) {
-      vf wq = load_part(q + c, n, 0.0f);
-      if (smoothing) wq = one_minus_e * wq + e_over_v;
-      if (kW8) wq *= load_part(k.cw + c, n, 0.0f);
-      g -= B * wq;
-    } else {
-      if (want_wz) g -= kW8 ? B * load_part(k.cw + c, n, 0.0f) : B;
-      g = select(kLanes + int32_t(c) == vt, g - splat(C), g);
-    }
-    if constexpr (kCap) {
-      const vf rr = x * inv_cap;
-      g *= (splat(1.0f) - rr) * (splat(1.0f) + rr);  // softcap_grad_from_value
-    }
-    store_part(row + c, g, n);
-    if (keep_row) mark_lanes(k, keep_row, c, as_stored<S>(g), n);
-  }
+using RowsFn = void (*)(const Chunk<float>&, int64_t, int64_t, float*);
+struct RowsFns {
+  RowsFn f32, bf16, f16;
+};
+// Picked once per process (the ISA of this CPU).
+const RowsFns& rows_fns() {
+  static const RowsFns fns = [] {
+#if defined(FASTREG_X86_ISAS)
+    if (__builtin_cpu_supports("avx512f"))
+      return RowsFns{isa_avx512::rows_float, isa_avx512::rows_bf16, isa_avx512::rows_half};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return RowsFns{isa_avx2::rows_float, isa_avx2::rows_bf16, isa_avx2::rows_half};
+#endif
+    return RowsFns{isa_base::rows_float, isa_base::rows_bf16, isa_base::rows_half};
+  }();
+  return fns;
 }
 
-// All rows [r0, r1) of a chunk with one set of compile-time flags.
-template <typename S, bool kCap, bool kW8, bool kSoft>
-FR_INLINE void rows_loop(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t t = 0;
-    if constexpr (!kSoft) {
-      t = k.target[r];
-      if (!lce_target_active(t, k.ignore_index, k.V)) {
-        ignored_row<S>(k, r);
-        continue;
-      }
-    }
-    row_f32<S, kCap, kW8, kSoft>(k, r, t, capbuf);
-  }
-}
-
-template <typename S>
-FR_INLINE void rows_dispatch(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
-  const bool cap = k.softcap > 0.0f, soft = k.probs != nullptr;
-  const bool w8 = k.cw != nullptr && (soft || lce_smoothing_used(k.eps));
-#define FR_ROWS(C, W, P) return rows_loop<S, C, W, P>(k, r0, r1, capbuf)
-  if (soft) {
-    if (cap) {
-      if (w8) FR_ROWS(true, true, true);
-      FR_ROWS(true, false, true);
-    }
-    if (w8) FR_ROWS(false, true, true);
-    FR_ROWS(false, false, true);
-  }
-  if (cap) {
-    if (w8) FR_ROWS(true, true, false);
-    FR_ROWS(true, false, false);
-  }
-  if (w8) FR_ROWS(false, true, false);
-  FR_ROWS(false, false, false);
-#undef FR_ROWS
-}
-
-// One function per storage type, cloned per ISA: the ISA is picked once per call, not per row.
-FASTREG_CPU_CLONES void rows_float(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
-  rows_dispatch<float>(k, r0, r1, capbuf);
-}
-FASTREG_CPU_CLONES void rows_bf16(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
-  rows_dispatch<c10::BFloat16>(k, r0, r1, capbuf);
-}
-FASTREG_CPU_CLONES void rows_half(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
-  rows_dispatch<c10::Half>(k, r0, r1, capbuf);
-}
 
 // The double row pass (gradcheck, float64 users): plain scalar maths, the same formulas.
 void row_f64(const Chunk<double>& k, int64_t r, int64_t t) {
@@ -502,7 +216,7 @@ template <typename A>
 void run_chunk(const Chunk<A>& k, at::ScalarType dtype) {
   const int64_t V = k.V;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
-  const bool capbuf_needed = k.softcap > 0 && (dtype == at::kBFloat16 || dtype == at::kHalf);
+  const bool capbuf_needed = k.softcap > 0 && dtype != at::kDouble;
   at::parallel_for(0, k.rows, grain, [&](int64_t r0, int64_t r1) {
     FlushDenormals ftz;
     if constexpr (std::is_same_v<A, double>) {
@@ -519,9 +233,8 @@ void run_chunk(const Chunk<A>& k, at::ScalarType dtype) {
       }
     } else {
       std::vector<float> capbuf(capbuf_needed ? V : 0);
-      if (dtype == at::kFloat) rows_float(k, r0, r1, capbuf.data());
-      else if (dtype == at::kBFloat16) rows_bf16(k, r0, r1, capbuf.data());
-      else rows_half(k, r0, r1, capbuf.data());
+      const RowsFns& fns = rows_fns();
+      (dtype == at::kFloat ? fns.f32 : dtype == at::kBFloat16 ? fns.bf16 : fns.f16)(k, r0, r1, capbuf.data());
     }
   });
 }
@@ -539,7 +252,7 @@ void lce_rows_cpu(at::Tensor& logits, const at::Tensor& target, const OptT& clas
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "_lce_rows: logits must be float32, float64, bfloat16 or float16, got ", dtype);
   const int64_t rows = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V < (int64_t(1) << 31) - kW, "_lce_rows: V must be below 2^31");
+  TORCH_CHECK(V < (int64_t(1) << 31) - 16, "_lce_rows: V must be below 2^31");
   const bool is_f64 = dtype == at::kDouble;
   const auto acc = is_f64 ? at::kDouble : at::kFloat;
   const bool soft = given(target_probs);

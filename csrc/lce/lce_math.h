@@ -65,6 +65,15 @@ FASTREG_HD T softcap_grad_from_value(T z, T cap) {
   return (T(1) - r) * (T(1) + r);
 }
 
+// The same derivative from the raw logit a: 1 - tanh^2(x) = u (2 - u) with u = 2 / (e^{2|x|} + 1) = 1 - |tanh x|,
+// x = a / cap. Relative precision everywhere, also where tanh saturates -- unlike any form of the
+// rounded value z (fp32: d from z is ~7e-8 / d off in the saturated regime, the error torch eager has).
+template <typename T>
+FASTREG_HD T softcap_grad_from_input(T a, T cap) {
+  const T u = T(2) / (std::exp(T(2) * std::fabs(a / cap)) + T(1));
+  return u * (T(2) - u);
+}
+
 // tanh for the softcap, in fp32 to ~1 ulp over the whole range (the CPU vector tanh, csrc/lce/lce_cpu.cpp,
 // evaluates the same two branches lane-wise). 1 - 2 / (e^{2|x|} + 1) alone cancels for small |x| -- the
 // normal softcap regime -- so |x| < kSoftcapTanhPolyBound uses an odd polynomial x + x^3 P(x^2) (fitted
