@@ -12,7 +12,7 @@ import torch
 
 from fastreg.bench import bars
 from fastreg.bench import common as C
-from fastreg.bench import lce, optim
+from fastreg.bench import lce, optim, workloads
 from fastreg.bench.__main__ import main as bench_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +125,8 @@ def test_append_csv_moves_a_different_header_aside(tmp_path):
 
 
 def test_cli_rejects_bad_arguments():
-    for argv in (["--providers", "nope"], ["--sizes", "12x"], ["--sweep", "Q"], ["--optimizers", "rmsprop"]):
+    for argv in (["--providers", "nope"], ["--sizes", "12x"], ["--sweep", "Q"], ["--optimizers", "rmsprop"],
+                 ["--workloads", "sft,nope"]):
         with pytest.raises(SystemExit) as e:
             bench_main(argv)
         assert e.value.code == 2
@@ -184,3 +185,141 @@ def test_bars_criteria_optimizers():
     crit = bars.Criteria()
     bars._optim_bars(crit, rows, optim.OptimConfig("adam", 5000, 1000), "cpu")
     assert [r["result"] for r in crit.rows] == ["PASS", "FAIL"]  # needs 4x over fused
+
+
+# ------------------------------------------------------------- issue 11: the loss workloads
+def test_sft_mask_ignores_the_first_half_of_every_sequence():
+    t = torch.arange(4 * 32)
+    workloads.sft_mask_(t, 4, 32)
+    seqs = t.view(4, 32)
+    assert (seqs[:, :16] == lce.IGNORE_INDEX).all() and (seqs[:, 16:] != lce.IGNORE_INDEX).all()
+    assert float((t == lce.IGNORE_INDEX).float().mean()) == 0.5
+
+
+def test_zipf_targets_follow_the_power_law():
+    g = torch.Generator().manual_seed(0)
+    t = workloads.zipf_targets(200_000, 1000, 1.1, g)
+    assert t.min() >= 0 and t.max() < 1000
+    counts = torch.bincount(t, minlength=1000).double()
+    assert counts[0] / counts[1] == pytest.approx(2 ** 1.1, rel=0.05)
+    assert counts[0] / counts[9] == pytest.approx(10 ** 1.1, rel=0.1)
+
+
+def test_peaked_input_has_the_target_entropy():
+    cfg = lce.LCEConfig(256, 32, 2048, torch.bfloat16)
+    pk = workloads.peaked_inputs(cfg, "cpu")
+    assert pk.entropy == pytest.approx(workloads.PEAKED_ENTROPY, abs=0.1)
+    x, W = pk.inputs.x.detach(), pk.inputs.W.detach()
+    assert x.dtype == W.dtype == torch.bfloat16 and x.requires_grad is False and pk.inputs.x.requires_grad
+    assert workloads.mean_entropy(x.double() @ W.double().T) == pytest.approx(pk.entropy, rel=1e-9)
+    logits = x.double() @ W.double().T  # aligned: the target is near the top, most often first
+    t = pk.inputs.t
+    rank = (logits > logits.gather(1, t[:, None])).sum(1)
+    assert (rank < 10).double().mean() > 0.7 and (rank == 0).double().mean() > 0.2  # chance: 0.005, 0.0005
+    assert 0.3 < pk.p_target < 0.95
+    # the unigram prior: the mass off the target sits on the frequent (small-id) classes
+    p = torch.softmax(logits, 1).scatter(1, t[:, None], 0.0)
+    assert p[:, :256].sum(1).mean() > 3 * p[:, 1024:].sum(1).mean()
+    assert 0.0 <= pk.skippable <= 1.0
+    # a different target entropy calibrates a different alpha
+    hot = workloads.peaked_inputs(cfg, "cpu", entropy=4.0)
+    assert hot.entropy == pytest.approx(4.0, abs=0.15) and hot.alpha < pk.alpha
+
+
+def test_time_interleaved_round_robin():
+    order = []
+    steps = {"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.01))}
+    t = C.time_interleaved(steps, "cpu", warmup=1, repeats=4)
+    assert order == ["a", "b"] + ["a", "b"] * 4
+    assert len(t["a"].samples) == len(t["b"].samples) == 4 and t["b"].median > t["a"].median
+
+
+def test_workloads_run_at_tiny_size():
+    """The whole harness on tiny shapes: every case checked, timed, grouped, bar lines computed."""
+    crit = bars.Criteria()
+    rows, notes = workloads.run_workloads(list(workloads.DEFAULT), "cpu", workloads.Shapes.quick(), warmup=0,
+                                          repeats=1, max_time=None, crit=crit,
+                                          lce_providers=["fastreg", "eager", "floor"], show_progress=False)
+    by = {(r["workload"], r["group"], r["provider"]): r for r in rows}
+    masked = by[("sft", "masked 50%", "fastreg")]
+    assert masked["ignored_fraction"] == 0.5 and masked["N"] == 4 * 32
+    assert by[("sft", "masked 50%", "floor-active")]["N"] == 64
+    assert by[("sft", "unmasked", "fastreg")]["ignored_fraction"] == 0.0
+    for key in [("sft", "masked 50%", "eager"), ("dtype", "bfloat16", "fastreg"), ("dtype", "bfloat16", "eager"),
+                ("dtype", "float32", "fastreg"), ("peaked", "peaked", "fastreg"), ("peaked", "peaked", "eager")]:
+        r = by[key]
+        assert r["status"] == "OK" and r["median_ms"] > 0 and r["err_dw"] <= r["tol"], r
+        assert r["x_floor"] > 0 and r["speedup_vs_eager"] > 0
+    assert by[("dtype", "bfloat16", "fastreg")]["dtype"] == "bfloat16"
+    peaked = by[("peaked", "peaked", "fastreg")]
+    assert peaked["entropy"] == pytest.approx(2.0, abs=0.1)
+    assert any("mean softmax entropy" in n for n in notes)
+    metrics = {(r["bar"].split()[0], r["metric"]) for r in crit.rows}
+    assert ("SFT", "fastreg masked / fastreg unmasked time") in metrics
+    assert ("loss", "dW error vs fp64 / eager's") in metrics and ("loss", "time / 3-matmul floor") in metrics
+    assert ("peaked", "speedup of filtering (off / auto)") in metrics
+    masked_ratio = next(r for r in crit.rows if r["metric"] == "fastreg masked / fastreg unmasked time")["value"]
+    assert masked_ratio == pytest.approx(masked["median_ms"] / by[("sft", "unmasked", "fastreg")]["median_ms"])
+
+
+def _row(group, provider, ms, **kw):
+    return {"group": group, "provider": provider, "status": kw.pop("status", "OK"), "median_ms": ms,
+            "N": 8, "D": 4, "V": 16, **kw}
+
+
+def test_workload_bar_lines():
+    crit = bars.Criteria()
+    workloads.sft_bars(crit, [_row("masked 50%", "fastreg", 1.0), _row("masked 50%", "eager", 1.9),
+                              _row("unmasked", "fastreg", 1.7)])
+    assert [(r["metric"], r["result"]) for r in crit.rows] == [
+        ("fastreg agrees with float64 reference", "PASS"),
+        ("fastreg masked / fastreg unmasked time", "PASS"),  # 1/1.7 = 0.59 <= 0.6
+        ("speedup vs eager (masked)", "PASS")]  # 1.9 >= 1.8
+    crit = bars.Criteria()
+    workloads.dtype_bars(crit, [
+        _row("bfloat16", "fastreg", 1.0, err_loss=1e-3, err_dx=2e-3, err_dw=5e-3),
+        _row("bfloat16", "eager", 1.1, err_loss=1e-3, err_dx=2e-3, err_dw=2e-3),
+        _row("bfloat16", "floor", 0.95, status="floor"),
+        _row("float32", "fastreg", 1.0), _row("float32", "eager", 1.2), _row("float32", "floor", 0.9, status="floor")])
+    got = {(r["bar"].split()[1], r["metric"]): (r["result"], r["value"]) for r in crit.rows}
+    assert got[("bfloat16", "time / 3 bfloat16 GEMMs floor")] == ("PASS", pytest.approx(1 / 0.95))
+    assert got[("bfloat16", "speedup vs eager")] == ("FAIL", pytest.approx(1.1))  # needs >= 1.15
+    assert got[("bfloat16", "dX error vs fp64 / eager's")][0] == "PASS"
+    assert got[("bfloat16", "dW error vs fp64 / eager's")] == ("FAIL", pytest.approx(2.5))
+    assert got[("float32", "time / 3-matmul floor")] == ("FAIL", pytest.approx(1 / 0.9))  # 1.11 > 1.08
+    crit = bars.Criteria()
+    auto = workloads.filter_provider("auto").name
+    workloads.peaked_bars(crit, [_row("peaked", "fastreg", 1.4, loss=2.5, err_dx=1e-2, err_dw=1e-2),
+                                 _row("peaked", auto, 1.0, loss=2.5, err_dx=1.5e-2, err_dw=2.1e-2),
+                                 _row("peaked", "eager", 1.5, loss=2.5, err_dx=1e-2, err_dw=1e-2)])
+    assert [r["result"] for r in crit.rows] == ["PASS", "PASS", "PASS", "PASS", "FAIL"]  # dW 2.1x eager's
+    crit = bars.Criteria()
+    workloads.peaked_bars(crit, [_row("peaked", "fastreg", 1.4, loss=2.5),
+                                 _row("peaked", auto, 1.0, loss=2.5000001),
+                                 _row("peaked", "eager", 1.5)])
+    assert crit.rows[2]["metric"].startswith("loss identical") and crit.rows[2]["result"] == "FAIL"
+    crit = bars.Criteria()  # a fastreg without the option: every filtering bar FAILs, saying why
+    workloads.peaked_bars(crit, [_row("peaked", "fastreg", 1.4, loss=2.5),
+                                 _row("peaked", auto, None, status="n/a", note="no grad_filter_eps= option"),
+                                 _row("peaked", "eager", 1.5)])
+    assert all(r["result"] == "FAIL" and "grad_filter_eps" in r["note"] for r in crit.rows)
+
+
+def test_bars_md_carries_the_workloads(tmp_path, monkeypatch):
+    """--bars with the workloads, shrunk: their table, input notes and bar lines land in bars-cpu.md."""
+    import argparse
+    monkeypatch.setattr(bars, "CPU_LCE", lce.LCEConfig(64, 32, 512))
+    monkeypatch.setattr(bars, "CPU_OPTIM", [optim.OptimConfig("adam", 100, 1000)])
+    monkeypatch.setattr(workloads, "Shapes", workloads.Shapes.quick)
+    monkeypatch.setattr(C, "copy_bandwidth_gbs", lambda *a, **k: 10.0)
+    real_bench_size = lce.bench_size
+    monkeypatch.setattr(lce, "bench_size", lambda *a, **k: real_bench_size(*a, **{**k, "memory": False}))
+    args = argparse.Namespace(device="cpu", warmup=0, repeats=1, max_time=None, workloads=["sft"])
+    prov = C.provenance("cpu")
+    bars.run(args, prov, str(tmp_path), show_progress=False)
+    md = (tmp_path / "bars-cpu.md").read_text()
+    assert "## Loss workloads (issue 11" in md and "| masked 50%" in md and "| unmasked" in md
+    assert "fastreg masked / fastreg unmasked time" in md and "speedup vs eager (masked)" in md
+    rows = read_csv(tmp_path / "workloads.csv")
+    assert {r["workload"] for r in rows} == {"sft"} and all(r["fastreg_commit"] for r in rows)
+    assert {r["provider"] for r in rows if r["workload"] == "sft"} >= {"fastreg", "eager", "native", "floor"}

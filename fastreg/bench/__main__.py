@@ -5,6 +5,8 @@
     python -m fastreg.bench --ops optim --optimizers adam --sizes 100x400000 5000x1000
     python -m fastreg.bench --ops fit            # whole fits of the small models vs torch and sklearn
     python -m fastreg.bench --ops small          # small models: fused loss and training-step latency
+    python -m fastreg.bench --ops lce-real       # loss workloads like training: SFT masks, bf16, peaked (issue 11)
+    python -m fastreg.bench --ops lce-real --workloads peaked,fp16   # chosen ones (fp16 is opt-in)
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
     torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed   # vocab-parallel loss (fastreg/bench/distributed.py)
@@ -22,7 +24,7 @@ import sys
 import torch
 
 from . import common as C
-from . import fit, lce, optim
+from . import fit, lce, optim, workloads
 
 
 def _size(text: str) -> tuple:
@@ -42,9 +44,12 @@ def _csv_list(text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastreg.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", choices=["lce", "optim", "small", "fit", "all"], default="all",
+    p.add_argument("--ops", choices=["lce", "optim", "small", "fit", "lce-real", "all"], default="all",
                    help="what to benchmark (default all; small: per-step latency of the small models; "
-                        "fit: whole fits, CPU, not with --sizes)")
+                        "fit: whole fits, CPU, not with --sizes; lce-real: the loss workloads of --workloads)")
+    p.add_argument("--workloads", type=_csv_list, default=list(workloads.DEFAULT),
+                   help="loss workloads of --ops lce-real / the default run / --bars: " + ",".join(workloads.ALL)
+                        + " (default " + ",".join(workloads.DEFAULT) + "; fp16 is slow on CPUs without fp16 GEMMs)")
     p.add_argument("--providers", type=_csv_list, default=None,
                    help="comma list; loss: " + ",".join(lce.ALL_NAMES) + "; optimizers: " + ",".join(optim.PROVIDERS)
                    + " ('wrong' is a self-test canary that must come out WRONG). Default: all but 'wrong'")
@@ -101,6 +106,9 @@ def resolve(args, parser) -> None:
     sizes = args.sizes or []
     args.lce_sizes = [s for s in sizes if len(s) == 3]
     args.optim_sizes = [s for s in sizes if len(s) == 2]
+    bad = [w for w in args.workloads if w not in workloads.ALL]
+    if bad:
+        parser.error(f"unknown workload(s) {bad}; choose from {list(workloads.ALL)}")
     known_sweeps = {"V", "N", "params", "tensors"}
     if args.sweep and not set(args.sweep) <= known_sweeps:
         parser.error(f"unknown sweep(s) {sorted(set(args.sweep) - known_sweeps)}; choose from {sorted(known_sweeps)}")
@@ -150,6 +158,10 @@ def main(argv=None) -> int:
         from . import small
         if small.run(args, prov, args.out, args.progress):
             written.append(os.path.join(args.out, "small.csv"))
+    # the workloads have fixed shapes: not with explicit --sizes; --providers picks the SFT providers
+    if args.ops == "lce-real" or (args.ops == "all" and args.providers is None and not args.sizes):
+        if workloads.run(args, prov, args.out, args.progress):
+            written.append(os.path.join(args.out, "workloads.csv"))
     # whole fits: fixed problems and providers, so not with explicit --sizes / --providers
     run_fit = args.ops == "fit" or (args.ops == "all" and args.providers is None and not args.sizes)
     if run_fit and args.device == "cpu" and fit.run(args, prov, args.out, args.progress):

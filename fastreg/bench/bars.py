@@ -9,7 +9,7 @@ import operator
 import torch
 
 from . import common as C
-from . import lce, optim
+from . import lce, optim, workloads
 
 PASS, FAIL, NA = "PASS", "FAIL", "n/a"
 
@@ -28,7 +28,9 @@ class Criteria:
     def __init__(self):
         self.rows = []
 
-    def add(self, bar: str, metric: str, value, op: str, threshold: float, na_reason: str = "") -> None:
+    def add(self, bar: str, metric: str, value, op: str, threshold: float, na_reason: str = "",
+            note: str = "") -> None:
+        """``na_reason``: the bar cannot apply here (n/a); ``note``: why a value is missing (FAIL)."""
         if na_reason:
             result, value = NA, None
         elif value is None:
@@ -36,7 +38,7 @@ class Criteria:
         else:
             result = PASS if self.OPS[op](value, threshold) else FAIL
         self.rows.append({"bar": bar, "metric": metric, "value": value, "target": f"{op} {threshold:g}",
-                          "result": result, "note": na_reason})
+                          "result": result, "note": na_reason or (note if value is None else "")})
 
     @property
     def ok(self) -> bool:
@@ -109,12 +111,19 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
     optim_names = ["fastreg", "forloop", "foreach", "fused"]
     bar = C.Progress(len(lce_names) + len(optim_cfgs) * len(optim_names), "bars", show_progress)
     tick = bar.tick
+    work_rows, work_notes = [], []
 
     lce_rows = lce.bench_size(lce_cfg, device, lce_names, args.warmup, args.repeats, memory=True, tick=tick,
                               max_time=args.max_time)
     for r in lce_rows:
         r.update(prov, sweep="bars")
     _lce_bars(crit, lce_rows, device)
+    if device == "cpu" and getattr(args, "workloads", None):  # issue 11's workloads (CPU bars; fixed shapes)
+        work_rows, work_notes = workloads.run_workloads(args.workloads, device, workloads.Shapes(), args.warmup,
+                                                        args.repeats, args.max_time, crit, lce_names,
+                                                        show_progress=False)
+        for r in work_rows:
+            r.update(prov)
 
     copy_gbs = C.copy_bandwidth_gbs(device, optim.copy_bytes(device, quick=False))
     optim_rows = []
@@ -129,6 +138,8 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
     bar.close()
     C.append_csv(f"{out_dir}/lce.csv", lce_rows, lce.CSV_COLUMNS)
     C.append_csv(f"{out_dir}/optim.csv", optim_rows, optim.CSV_COLUMNS)
+    if work_rows:
+        C.append_csv(f"{out_dir}/workloads.csv", work_rows, workloads.CSV_COLUMNS)
     C.append_csv(f"{out_dir}/bars-{device}.csv", [{**prov, "device": device, **r} for r in crit.rows], CSV_COLUMNS)
 
     n_pass = sum(r["result"] == PASS for r in crit.rows)
@@ -156,6 +167,9 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> bool:
         "",
         C.render_table(lce_rows, lce.TABLE_COLUMNS, markdown=True),
         "",
+        *(["## Loss workloads (issue 11; timed interleaved within each workload)", "",
+           C.render_table(work_rows, workloads.TABLE_COLUMNS, markdown=True), "",
+           *[f"- {n}" for n in work_notes], ""] if work_rows else []),
         "## Optimizer measurements",
         "",
         C.render_table(optim_rows, optim.TABLE_COLUMNS, markdown=True),

@@ -402,3 +402,23 @@ def sizes_to_run(explicit, all_sweeps: dict, chosen) -> dict:
         for shape in shapes:
             sizes.setdefault(tuple(shape), []).append(sweep)
     return sizes
+
+
+def time_interleaved(steps: dict, device: str, warmup: int, repeats: int,
+                     max_time: Optional[float] = None) -> dict:
+    """Time several functions round robin: ``warmup`` untimed calls of each, then ``repeats`` rounds
+    in which each runs once, timed on its own -> {key: Timing}. Their ratios then come from the same
+    machine state (load drifts on a shared machine). With ``max_time``, stop after a round once
+    every function has >= 3 samples and the rounds took more than ``max_time`` per function."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples = {k: [] for k in steps}
+    for _ in range(max(1, repeats)):
+        for k, fn in steps.items():
+            samples[k] += time_fn(fn, device, 0, 1).samples
+        spent = sum(sum(s) for s in samples.values())
+        if max_time is not None and len(samples[next(iter(samples))]) >= 3 and spent > max_time * 1e3 * len(steps):
+            break
+    return {k: Timing(s) for k, s in samples.items()}
