@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -191,17 +192,39 @@ inline int threads_for_rows(int64_t B, int64_t D, int64_t V) {
 // Splits a batch's rows into `blocks` contiguous blocks, one per thread, each accumulating its
 // own grad_W / grad_b (block 0 into the real gradients, the others into scratch allocated once
 // per epoch), summed into the gradients after the parallel region.
+// A parallel region per batch needs every thread scheduled at once: on a loaded machine a
+// descheduled worker stalls the batch for a time slice (measured: 2-30x slower fits with other
+// processes busy on both cores). So each epoch times its first kProbeBatches batches alternately
+// in parallel and on the calling thread, and runs the rest the faster way. Either way the blocks
+// and their order of summation are the same, so the results do not depend on the choice.
 template <typename T>
 struct RowBlocks {
+  static constexpr int kProbeBatches = 6;
   int blocks;
   int64_t stride;          // V * D (+ V): one block's gradients, laid out like `grads`
   std::vector<T> scratch;  // (blocks - 1) * stride
   std::vector<double> sums;
+  int64_t batches_run = 0;
+  double best_seconds[2] = {1e300, 1e300};  // fastest probe batch: [serial, parallel]
   RowBlocks(int blocks_, int64_t stride_) : blocks(blocks_), stride(stride_), scratch((blocks_ - 1) * stride_), sums(blocks_) {}
 
   template <typename Args, typename Pass>
   double run(const Args& a, Pass pass) {
     if (blocks <= 1) return pass(a);
+    const bool probing = batches_run < kProbeBatches;
+    const bool parallel = probing ? batches_run % 2 == 0 : best_seconds[1] < best_seconds[0];
+    const auto t0 = std::chrono::steady_clock::now();
+    const double total = run_blocks(a, pass, parallel);
+    if (probing) {
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best_seconds[parallel] = std::min(best_seconds[parallel], seconds);
+    }
+    ++batches_run;
+    return total;
+  }
+
+  template <typename Args, typename Pass>
+  double run_blocks(const Args& a, Pass pass, bool parallel) {
     std::fill(scratch.begin(), scratch.end(), T(0));
     auto run_block = [&](int64_t blk) {
       Args part = a;
@@ -221,9 +244,13 @@ struct RowBlocks {
       }
       sums[blk] = pass(part);
     };
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) run_block(blk);
-    });
+    if (parallel) {
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) run_block(blk);
+      });
+    } else {
+      for (int64_t blk = 0; blk < blocks; ++blk) run_block(blk);
+    }
     double total = sums[0];
     for (int blk = 1; blk < blocks; ++blk) {
       const T* g = scratch.data() + (blk - 1) * stride;
