@@ -295,21 +295,42 @@ def test_not_supported_devices_and_dtypes_are_refused():
 
 @pytest.mark.parametrize("case", ["many_classes", "large_batch_regression"])
 def test_blas_path_equals_python_loop(case):
-    """Batches too large for the row kernels (V > 64, or > 2^18 multiply-adds) take the BLAS path."""
+    """Batches too large for the row kernels (V > 64, or > 2^21 multiply-adds) take the BLAS path."""
     if case == "many_classes":
         X, y = classification_data(n=200, d=5, c=70)
         a, b = twin(MultinomialLogisticRegression, 5, 70)
         cw = torch.rand(70) + 0.5
         kw, loss_kw = {"class_weight": cw}, {"weight": cw}
     else:
-        X, y = regression_data(n=700, d=50, k=10)
-        a, b = twin(LinearRegression, 50, 10)
+        X, y = regression_data(n=700, d=400, k=10)
+        a, b = twin(LinearRegression, 400, 10)
         kw, loss_kw = {}, None
     opt_a, opt_b = fastreg.optim.Adam(a.parameters(), lr=0.01), fastreg.optim.Adam(b.parameters(), lr=0.01)
     bs = 64 if case == "many_classes" else 600
     a.fit(X, y, optimizer=opt_a, epochs=2, batch_size=bs, generator=torch.Generator().manual_seed(4), l1=1e-3, **kw)
     python_loop(b, X, y, opt_b, epochs=2, batch_size=bs, generator=torch.Generator().manual_seed(4), l1=1e-3,
                 loss_kw=loss_kw)
+    assert_state_close(opt_a, opt_b, [a.weight, a.bias], [b.weight, b.bias], TOL32)
+
+
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+def test_rows_split_over_threads_equals_python_loop(kind):
+    """Batches of >= 2^19 multiply-adds and >= 512 rows run the row kernels on several threads, each
+    with its own grad_W / grad_b partial (the synthetic benchmark's 1000 x 100 x 10 batches)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the split is exercised (run in turn) even on one core
+    try:
+        if kind == "regression":
+            X, y = regression_data(n=1300, d=100, k=10)
+            a, b = twin(LinearRegression, 100, 10)
+        else:
+            X, y = classification_data(n=1300, d=100, c=10)
+            a, b = twin(MultinomialLogisticRegression, 100, 10)
+        opt_a, opt_b = fastreg.optim.Adam(a.parameters(), lr=0.01), fastreg.optim.Adam(b.parameters(), lr=0.01)
+        a.fit(X, y, optimizer=opt_a, epochs=2, batch_size=600, generator=torch.Generator().manual_seed(6))
+        python_loop(b, X, y, opt_b, epochs=2, batch_size=600, generator=torch.Generator().manual_seed(6))
+    finally:
+        torch.set_num_threads(threads)
     assert_state_close(opt_a, opt_b, [a.weight, a.bias], [b.weight, b.bias], TOL32)
 
 
