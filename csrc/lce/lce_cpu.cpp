@@ -221,7 +221,8 @@ template <typename A>
 void run_chunk(const Chunk<A>& k, at::ScalarType dtype) {
   const int64_t V = k.V;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
-  const bool capbuf_needed = k.softcap > 0 && dtype != at::kDouble;
+  // the vector pass's per-thread fp32 scratch row: softcapped values, then exp(z_c - m)
+  const bool scratch_needed = dtype != at::kDouble && (k.softcap > 0 || k.write_grad);
   at::parallel_for(0, k.rows, grain, [&](int64_t r0, int64_t r1) {
     FlushDenormals ftz;
     if constexpr (std::is_same_v<A, double>) {
@@ -237,9 +238,9 @@ void run_chunk(const Chunk<A>& k, at::ScalarType dtype) {
         row_f64(k, r, t);
       }
     } else {
-      std::vector<float> capbuf(capbuf_needed ? V : 0);
+      std::vector<float> scratch(scratch_needed ? V : 0);
       const RowsFns& fns = rows_fns();
-      (dtype == at::kFloat ? fns.f32 : dtype == at::kBFloat16 ? fns.bf16 : fns.f16)(k, r0, r1, capbuf.data());
+      (dtype == at::kFloat ? fns.f32 : dtype == at::kBFloat16 ? fns.bf16 : fns.f16)(k, r0, r1, scratch.data());
     }
   });
 }
