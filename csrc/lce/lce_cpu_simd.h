@@ -240,34 +240,49 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* scrat
     else return load_part(row + c, n, fill);
   };
 
-  // pass 1: softcap, max (+ first index per lane), sum_c w_c z_c
-  vf vm = splat(-kInf), vwz = splat(0.0f);
-  vi vidx = kLanes;  // an all -inf row has its first maximum at 0
+  // pass 1: softcap, max (+ first index per lane), sum_c w_c z_c. kU independent accumulators
+  // (vector blocks c / kW taken round-robin, the tail by the first): one running max is a serial
+  // compare+blend chain whose latency, not the loads, bounded this pass (measured).
+  constexpr int kU = 4;
+  vf vm[kU], vwz[kU];
+  vi vidx[kU];
+  for (int u = 0; u < kU; ++u) {
+    vm[u] = splat(-kInf);
+    vwz[u] = splat(0.0f);
+    vidx[u] = kLanes;  // an all -inf row has its first maximum at 0
+  }
   const bool want_arg = k.argmax != nullptr;
-  for (int64_t c = 0; c < V; c += kW) {
-    const int64_t n = std::min(kW, V - c);
+  auto max_step = [&](vf& am, vi& aidx, vf& awz, int64_t c, int64_t n) {
     vf x = load_part(row + c, n, -kInf);
     if constexpr (kCap) {
       x = cap * vtanh(x / cap);  // (a / cap, not a * (1 / cap): one rounding); tail lanes become -cap
       if (n < kW) x = select(kLanes < splati(int32_t(n)), x, splat(-kInf));
       store_part(work + c, x, n);
     }
-    const vi take = take_new_max(vm, x);
-    vm = select(take, x, vm);
-    if (want_arg) vidx = take ? kLanes + int32_t(c) : vidx;
+    const vi take = take_new_max(am, x);
+    am = select(take, x, am);
+    if (want_arg) aidx = take ? kLanes + int32_t(c) : aidx;
     if (want_wz) {
       const vf xz = n == kW ? x : select(kLanes < splati(int32_t(n)), x, splat(0.0f));
-      vwz += kW8 ? xz * load_part(k.cw + c, n, 0.0f) : xz;
+      awz += kW8 ? xz * load_part(k.cw + c, n, 0.0f) : xz;
     }
+  };
+  int64_t c1 = 0;
+  for (; c1 + kU * kW <= V; c1 += kU * kW) {
+#pragma GCC unroll 4
+    for (int u = 0; u < kU; ++u) max_step(vm[u], vidx[u], vwz[u], c1 + u * kW, kW);
   }
-  const float m = hmax(vm);
+  for (; c1 < V; c1 += kW) max_step(vm[0], vidx[0], vwz[0], c1, std::min(kW, V - c1));
+  float m = hmax(vm[0]);
+  for (int u = 1; u < kU; ++u) m = nan_max(m, hmax(vm[u]));
   // an all -inf row (every class masked): lse = -inf like torch.logsumexp, loss and gradient NaN like torch
   const float m_shift = m == -kInf ? 0.0f : m;
   if (want_arg) {
     int64_t best = std::numeric_limits<int32_t>::max();
     if (m == m) {  // the smallest first-maximum index of the lanes holding the max
-      for (int i = 0; i < kW; ++i)
-        if (vm[i] == m) best = std::min<int64_t>(best, vidx[i]);
+      for (int u = 0; u < kU; ++u)
+        for (int i = 0; i < kW; ++i)
+          if (vm[u][i] == m) best = std::min<int64_t>(best, vidx[u][i]);
     } else {  // a NaN row (rare): the first NaN, like torch.argmax
       for (best = 0; best < V; ++best) {
         const float z = kCap ? work[best] : static_cast<float>(row[best]);
@@ -286,12 +301,12 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* scrat
   const vf vmx = splat(m_shift);
   const float inv_v = 1.0f / float(V);
   const vf one_minus_e = splat(1.0f - k.eps), e_over_v = splat(k.eps * inv_v);
-  vf vs = splat(0.0f), vQ = splat(0.0f), vS = splat(0.0f);
-  for (int64_t c = 0; c < V; c += kW) {
-    const int64_t n = std::min(kW, V - c);
+  vf vs[kU], vQ = splat(0.0f), vS = splat(0.0f);
+  for (int u = 0; u < kU; ++u) vs[u] = splat(0.0f);
+  auto sum_step = [&](vf& as, int64_t c, int64_t n) {
     const vf x = load_z(c, n, -kInf);
     const vf e = vexp(x - vmx);
-    vs += e;
+    as += e;
     if (keep_e) store_part(ebuf + c, e, n);
     if constexpr (kSoft) {
       vf wq = load_part(q + c, n, 0.0f);
@@ -306,8 +321,14 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* scrat
       vQ += wq;
       vS += wq * d;
     }
+  };
+  int64_t c2 = 0;
+  for (; c2 + kU * kW <= V; c2 += kU * kW) {
+#pragma GCC unroll 4
+    for (int u = 0; u < kU; ++u) sum_step(vs[u], c2 + u * kW, kW);
   }
-  const float se = hsum(vs);
+  for (; c2 < V; c2 += kW) sum_step(vs[0], c2, std::min(kW, V - c2));
+  const float se = hsum((vs[0] + vs[1]) + (vs[2] + vs[3]));
   const float lse = m_shift + std::log(se);
   if (k.lse) k.lse[r] = lse;
   float w_t = 1.0f, Q = 0.0f;
@@ -316,7 +337,7 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* scrat
     k.loss[r] = lce_soft_row_loss<float>(lse, m_shift, Q, hsum(vS), k.zloss);
   } else {
     w_t = k.cw ? k.cw[t] : 1.0f;
-    k.loss[r] = lce_row_loss<float>(lse, z_t, w_t, hsum(vwz), k.w_sum, k.eps, V, k.zloss);
+    k.loss[r] = lce_row_loss<float>(lse, z_t, w_t, hsum((vwz[0] + vwz[1]) + (vwz[2] + vwz[3])), k.w_sum, k.eps, V, k.zloss);
   }
   if (!k.write_grad) return;
 
