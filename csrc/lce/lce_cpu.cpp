@@ -4,14 +4,16 @@
 //   1. softcap (optional), max and, per lane, the index of the first maximum (argmax_rows);
 //      sum_c w_c z_c (label smoothing, class-index targets)
 //   2. sum_c exp(z_c - max)  -> lse, the row loss (lce_math.h); with probability targets also
-//      Q = sum_c w_c q'_c and S = sum_c w_c q'_c (z_c - max)
+//      Q = sum_c w_c q'_c and S = sum_c w_c q'_c (z_c - max). With a gradient to write, each
+//      exp(z_c - max) is kept in a per-thread fp32 scratch row (L2-resident) for sweep 3.
 //   3. gradient written in place over the logits: (A p_c - B w_c - [c == t] C) * softcap'(a_c), or
 //      s ((Q + 2 l lse) p_c - w_c q'_c) * softcap'(a_c); block_keep marks the vocabulary blocks that
 //      hold an entry with |g| > grad_filter_eps.
 // float, bfloat16 and float16 rows run on explicit 16-lane fp32 vectors (csrc/lce/lce_cpu_simd.h,
 // GCC/clang vector extensions): 16-bit values are widened/narrowed 16 lanes at a time in registers
-// (round to nearest even, as torch's casts), no scalar scratch copy. With softcap the softcapped
-// fp32 values go to a per-thread row buffer (L1/L2-resident) and the raw logits stay in place: the
+// (round to nearest even, as torch's casts); sweeps 1 and 2 run 4 independent accumulators (a
+// single running max / sum is a latency-bound chain). With softcap the softcapped fp32 values go
+// to the same per-thread scratch row (before sweep 2 replaces them) and the raw logits stay: the
 // softcap derivative is taken from the raw logit (lce_math.h softcap_grad_from_input), accurate also
 // where tanh saturates. The vector code is compiled once per ISA (x86-64: AVX-512 F/BW/VL, AVX2, baseline;
 // elsewhere, e.g. aarch64 NEON, once) and the ISA is picked once per process; the row loop of a
