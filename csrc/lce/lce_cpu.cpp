@@ -4,14 +4,16 @@
 //   1. softcap (optional), max and, per lane, the index of the first maximum (argmax_rows);
 //      sum_c w_c z_c (label smoothing, class-index targets)
 //   2. sum_c exp(z_c - max)  -> lse, the row loss (lce_math.h); with probability targets also
-//      Q = sum_c w_c q'_c and S = sum_c w_c q'_c (z_c - max)
+//      Q = sum_c w_c q'_c and S = sum_c w_c q'_c (z_c - max). With a gradient to write, each
+//      exp(z_c - max) is kept in a per-thread fp32 scratch row (L2-resident) for sweep 3.
 //   3. gradient written in place over the logits: (A p_c - B w_c - [c == t] C) * softcap'(a_c), or
 //      s ((Q + 2 l lse) p_c - w_c q'_c) * softcap'(a_c); block_keep marks the vocabulary blocks that
 //      hold an entry with |g| > grad_filter_eps.
 // float, bfloat16 and float16 rows run on explicit 16-lane fp32 vectors (csrc/lce/lce_cpu_simd.h,
 // GCC/clang vector extensions): 16-bit values are widened/narrowed 16 lanes at a time in registers
-// (round to nearest even, as torch's casts), no scalar scratch copy. With softcap the softcapped
-// fp32 values go to a per-thread row buffer (L1/L2-resident) and the raw logits stay in place: the
+// (round to nearest even, as torch's casts); sweeps 1 and 2 run 4 independent accumulators (a
+// single running max / sum is a latency-bound chain). With softcap the softcapped fp32 values go
+// to the same per-thread scratch row (before sweep 2 replaces them) and the raw logits stay: the
 // softcap derivative is taken from the raw logit (lce_math.h softcap_grad_from_input), accurate also
 // where tanh saturates. The vector code is compiled once per ISA (x86-64: AVX-512 F/BW/VL, AVX2, baseline;
 // elsewhere, e.g. aarch64 NEON, once) and the ISA is picked once per process; the row loop of a
@@ -221,7 +223,8 @@ template <typename A>
 void run_chunk(const Chunk<A>& k, at::ScalarType dtype) {
   const int64_t V = k.V;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
-  const bool capbuf_needed = k.softcap > 0 && dtype != at::kDouble;
+  // the vector pass's per-thread fp32 scratch row: softcapped values, then exp(z_c - m)
+  const bool scratch_needed = dtype != at::kDouble && (k.softcap > 0 || k.write_grad);
   at::parallel_for(0, k.rows, grain, [&](int64_t r0, int64_t r1) {
     FlushDenormals ftz;
     if constexpr (std::is_same_v<A, double>) {
@@ -237,9 +240,9 @@ void run_chunk(const Chunk<A>& k, at::ScalarType dtype) {
         row_f64(k, r, t);
       }
     } else {
-      std::vector<float> capbuf(capbuf_needed ? V : 0);
+      std::vector<float> scratch(scratch_needed ? V : 0);
       const RowsFns& fns = rows_fns();
-      (dtype == at::kFloat ? fns.f32 : dtype == at::kBFloat16 ? fns.bf16 : fns.f16)(k, r0, r1, capbuf.data());
+      (dtype == at::kFloat ? fns.f32 : dtype == at::kBFloat16 ? fns.bf16 : fns.f16)(k, r0, r1, scratch.data());
     }
   });
 }

@@ -223,9 +223,9 @@ FR_INLINE void mark_lanes(const Chunk<A>& k, uint8_t* keep_row, int64_t c, vf g,
 
 // The fp32 row pass over storage S (float, BFloat16, Half). kSoft: probability targets;
 // kW8: class weights are read per class (smoothing or probability targets; otherwise only w_t is).
-// capbuf: V floats of per-thread scratch for the softcapped values (softcap only).
+// scratch: V floats of per-thread scratch: the softcapped values (softcap), then exp(z_c - m).
 template <typename S, bool kCap, bool kW8, bool kSoft>
-FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbuf) {
+FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* scratch) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const int64_t V = k.V;
   S* row = static_cast<S*>(k.logits) + r * V;
@@ -234,40 +234,55 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbu
   const bool want_wz = !kSoft && smoothing;  // else no w_c with c != t is read (lce_math.h)
   const vf cap = splat(k.softcap);
   // softcapped values go to the per-thread scratch row; the raw logits stay for the derivative
-  float* work = capbuf;
+  float* work = scratch;
   auto load_z = [&](int64_t c, int64_t n, float fill) {
     if constexpr (kCap) return load_part(work + c, n, fill);
     else return load_part(row + c, n, fill);
   };
 
-  // pass 1: softcap, max (+ first index per lane), sum_c w_c z_c
-  vf vm = splat(-kInf), vwz = splat(0.0f);
-  vi vidx = kLanes;  // an all -inf row has its first maximum at 0
+  // pass 1: softcap, max (+ first index per lane), sum_c w_c z_c. kU independent accumulators
+  // (vector blocks c / kW taken round-robin, the tail by the first): one running max is a serial
+  // compare+blend chain whose latency, not the loads, bounded this pass (measured).
+  constexpr int kU = 4;
+  vf vm[kU], vwz[kU];
+  vi vidx[kU];
+  for (int u = 0; u < kU; ++u) {
+    vm[u] = splat(-kInf);
+    vwz[u] = splat(0.0f);
+    vidx[u] = kLanes;  // an all -inf row has its first maximum at 0
+  }
   const bool want_arg = k.argmax != nullptr;
-  for (int64_t c = 0; c < V; c += kW) {
-    const int64_t n = std::min(kW, V - c);
+  auto max_step = [&](vf& am, vi& aidx, vf& awz, int64_t c, int64_t n) {
     vf x = load_part(row + c, n, -kInf);
     if constexpr (kCap) {
       x = cap * vtanh(x / cap);  // (a / cap, not a * (1 / cap): one rounding); tail lanes become -cap
       if (n < kW) x = select(kLanes < splati(int32_t(n)), x, splat(-kInf));
       store_part(work + c, x, n);
     }
-    const vi take = take_new_max(vm, x);
-    vm = select(take, x, vm);
-    if (want_arg) vidx = take ? kLanes + int32_t(c) : vidx;
+    const vi take = take_new_max(am, x);
+    am = select(take, x, am);
+    if (want_arg) aidx = take ? kLanes + int32_t(c) : aidx;
     if (want_wz) {
       const vf xz = n == kW ? x : select(kLanes < splati(int32_t(n)), x, splat(0.0f));
-      vwz += kW8 ? xz * load_part(k.cw + c, n, 0.0f) : xz;
+      awz += kW8 ? xz * load_part(k.cw + c, n, 0.0f) : xz;
     }
+  };
+  int64_t c1 = 0;
+  for (; c1 + kU * kW <= V; c1 += kU * kW) {
+#pragma GCC unroll 4
+    for (int u = 0; u < kU; ++u) max_step(vm[u], vidx[u], vwz[u], c1 + u * kW, kW);
   }
-  const float m = hmax(vm);
+  for (; c1 < V; c1 += kW) max_step(vm[0], vidx[0], vwz[0], c1, std::min(kW, V - c1));
+  float m = hmax(vm[0]);
+  for (int u = 1; u < kU; ++u) m = nan_max(m, hmax(vm[u]));
   // an all -inf row (every class masked): lse = -inf like torch.logsumexp, loss and gradient NaN like torch
   const float m_shift = m == -kInf ? 0.0f : m;
   if (want_arg) {
     int64_t best = std::numeric_limits<int32_t>::max();
     if (m == m) {  // the smallest first-maximum index of the lanes holding the max
-      for (int i = 0; i < kW; ++i)
-        if (vm[i] == m) best = std::min<int64_t>(best, vidx[i]);
+      for (int u = 0; u < kU; ++u)
+        for (int i = 0; i < kW; ++i)
+          if (vm[u][i] == m) best = std::min<int64_t>(best, vidx[u][i]);
     } else {  // a NaN row (rare): the first NaN, like torch.argmax
       for (best = 0; best < V; ++best) {
         const float z = kCap ? work[best] : static_cast<float>(row[best]);
@@ -276,15 +291,23 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbu
     }
     k.argmax[r] = best;
   }
-  // pass 2: sum_c exp(z_c - m) (tail lanes hold -inf, whose exp is exactly 0); Q and S
+  // z_t now: with softcap, pass 2 overwrites the softcapped values in the scratch row
+  const float z_t = kSoft ? 0.0f : kCap ? work[t] : static_cast<float>(row[t]);
+  // pass 2: sum_c exp(z_c - m) (tail lanes hold -inf, whose exp is exactly 0); Q and S.
+  // With a gradient to write, exp(z_c - m) is kept in the fp32 scratch row (L2-resident), so the
+  // gradient pass reads it instead of evaluating exp again: one exp per element, not two.
+  float* ebuf = scratch;
+  const bool keep_e = k.write_grad;
   const vf vmx = splat(m_shift);
   const float inv_v = 1.0f / float(V);
   const vf one_minus_e = splat(1.0f - k.eps), e_over_v = splat(k.eps * inv_v);
-  vf vs = splat(0.0f), vQ = splat(0.0f), vS = splat(0.0f);
-  for (int64_t c = 0; c < V; c += kW) {
-    const int64_t n = std::min(kW, V - c);
+  vf vs[kU], vQ = splat(0.0f), vS = splat(0.0f);
+  for (int u = 0; u < kU; ++u) vs[u] = splat(0.0f);
+  auto sum_step = [&](vf& as, int64_t c, int64_t n) {
     const vf x = load_z(c, n, -kInf);
-    vs += vexp(x - vmx);
+    const vf e = vexp(x - vmx);
+    as += e;
+    if (keep_e) store_part(ebuf + c, e, n);
     if constexpr (kSoft) {
       vf wq = load_part(q + c, n, 0.0f);
       if (smoothing) wq = one_minus_e * wq + e_over_v;
@@ -298,8 +321,14 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbu
       vQ += wq;
       vS += wq * d;
     }
+  };
+  int64_t c2 = 0;
+  for (; c2 + kU * kW <= V; c2 += kU * kW) {
+#pragma GCC unroll 4
+    for (int u = 0; u < kU; ++u) sum_step(vs[u], c2 + u * kW, kW);
   }
-  const float se = hsum(vs);
+  for (; c2 < V; c2 += kW) sum_step(vs[0], c2, std::min(kW, V - c2));
+  const float se = hsum((vs[0] + vs[1]) + (vs[2] + vs[3]));
   const float lse = m_shift + std::log(se);
   if (k.lse) k.lse[r] = lse;
   float w_t = 1.0f, Q = 0.0f;
@@ -307,9 +336,8 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbu
     Q = hsum(vQ);
     k.loss[r] = lce_soft_row_loss<float>(lse, m_shift, Q, hsum(vS), k.zloss);
   } else {
-    const float z_t = kCap ? work[t] : static_cast<float>(row[t]);
     w_t = k.cw ? k.cw[t] : 1.0f;
-    k.loss[r] = lce_row_loss<float>(lse, z_t, w_t, hsum(vwz), k.w_sum, k.eps, V, k.zloss);
+    k.loss[r] = lce_row_loss<float>(lse, z_t, w_t, hsum((vwz[0] + vwz[1]) + (vwz[2] + vwz[3])), k.w_sum, k.eps, V, k.zloss);
   }
   if (!k.write_grad) return;
 
@@ -330,8 +358,7 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbu
   const vi vt = splati(int32_t(t));
   for (int64_t c = 0; c < V; c += kW) {
     const int64_t n = std::min(kW, V - c);
-    const vf x = load_z(c, n, 0.0f);
-    vf g = A * vexp(x - vmx);
+    vf g = A * load_part(ebuf + c, n, 0.0f);
     vf dcap;
     if constexpr (kCap) {  // softcap_grad_from_input, lane-wise: precise also where tanh saturates
       const vf u = splat(2.0f) / (vexp(splat(2.0f) * vabs(load_part(row + c, n, 0.0f) / cap)) + splat(1.0f));
@@ -354,7 +381,7 @@ FR_INLINE void row_f32(const Chunk<float>& k, int64_t r, int64_t t, float* capbu
 
 // All rows [r0, r1) of a chunk with one set of compile-time flags.
 template <typename S, bool kCap, bool kW8, bool kSoft>
-FR_INLINE void rows_loop(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
+FR_INLINE void rows_loop(const Chunk<float>& k, int64_t r0, int64_t r1, float* scratch) {
   for (int64_t r = r0; r < r1; ++r) {
     int64_t t = 0;
     if constexpr (!kSoft) {
@@ -364,15 +391,15 @@ FR_INLINE void rows_loop(const Chunk<float>& k, int64_t r0, int64_t r1, float* c
         continue;
       }
     }
-    row_f32<S, kCap, kW8, kSoft>(k, r, t, capbuf);
+    row_f32<S, kCap, kW8, kSoft>(k, r, t, scratch);
   }
 }
 
 template <typename S>
-FR_INLINE void rows_dispatch(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
+FR_INLINE void rows_dispatch(const Chunk<float>& k, int64_t r0, int64_t r1, float* scratch) {
   const bool cap = k.softcap > 0.0f, soft = k.probs != nullptr;
   const bool w8 = k.cw != nullptr && (soft || lce_smoothing_used(k.eps));
-#define FR_ROWS(C, W, P) return rows_loop<S, C, W, P>(k, r0, r1, capbuf)
+#define FR_ROWS(C, W, P) return rows_loop<S, C, W, P>(k, r0, r1, scratch)
   if (soft) {
     if (cap) {
       if (w8) FR_ROWS(true, true, true);
@@ -391,12 +418,12 @@ FR_INLINE void rows_dispatch(const Chunk<float>& k, int64_t r0, int64_t r1, floa
 }
 
 // One entry per storage type: the ISA is picked once per chunk slice (lce_cpu.cpp), not per row.
-void rows_float(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) { rows_dispatch<float>(k, r0, r1, capbuf); }
-void rows_bf16(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
-  rows_dispatch<c10::BFloat16>(k, r0, r1, capbuf);
+void rows_float(const Chunk<float>& k, int64_t r0, int64_t r1, float* scratch) { rows_dispatch<float>(k, r0, r1, scratch); }
+void rows_bf16(const Chunk<float>& k, int64_t r0, int64_t r1, float* scratch) {
+  rows_dispatch<c10::BFloat16>(k, r0, r1, scratch);
 }
-void rows_half(const Chunk<float>& k, int64_t r0, int64_t r1, float* capbuf) {
-  rows_dispatch<c10::Half>(k, r0, r1, capbuf);
+void rows_half(const Chunk<float>& k, int64_t r0, int64_t r1, float* scratch) {
+  rows_dispatch<c10::Half>(k, r0, r1, scratch);
 }
 
 #undef FR_INLINE
