@@ -45,10 +45,6 @@ class Criteria:
         return all(r["result"] != FAIL for r in self.rows)
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
 def _lce_bars(crit: Criteria, rows: list, device: str) -> None:
     by = {r["provider"]: r for r in rows}
     f, eager = by["fastreg"], by["eager"]
@@ -56,23 +52,23 @@ def _lce_bars(crit: Criteria, rows: list, device: str) -> None:
     bar = f"loss {C.dtype_name(cfg.dtype)} {cfg.reduction} {cfg.label}"
     crit.add(bar, "fastreg agrees with float64 reference", 1.0 if f.get("status") == C.OK else None, ">=", 1)
     fms = f.get("median_ms")
-    crit.add(bar, "time / 3-matmul floor", _ratio(fms, by[lce.FLOOR].get("median_ms")), "<=", 1.15)
+    crit.add(bar, "time / 3-matmul floor", C.ratio(fms, by[lce.FLOOR].get("median_ms")), "<=", 1.15)
     if device == "cpu":
-        crit.add(bar, "speedup vs eager", _ratio(eager.get("median_ms"), fms), ">=", 1.25)
+        crit.add(bar, "speedup vs eager", C.ratio(eager.get("median_ms"), fms), ">=", 1.25)
         native = by["native"]
-        crit.add(bar, "speedup vs torch native", _ratio(native.get("median_ms"), fms), ">=", 1.25,
+        crit.add(bar, "speedup vs torch native", C.ratio(native.get("median_ms"), fms), ">=", 1.25,
                  native.get("note") if native.get("status") == C.UNAVAILABLE else "")
-        crit.add(bar, "peak extra memory / eager's", _ratio(f.get("peak_extra_bytes"), eager.get("peak_extra_bytes")),
+        crit.add(bar, "peak extra memory / eager's", C.ratio(f.get("peak_extra_bytes"), eager.get("peak_extra_bytes")),
                  "<=", 0.25)
     else:
-        crit.add(bar, "speedup vs eager", _ratio(eager.get("median_ms"), fms), ">", 1.0)
+        crit.add(bar, "speedup vs eager", C.ratio(eager.get("median_ms"), fms), ">", 1.0)
         liger = by["liger"]
-        crit.add(bar, "speedup vs Liger", _ratio(liger.get("median_ms"), fms), ">", 1.0,
+        crit.add(bar, "speedup vs Liger", C.ratio(liger.get("median_ms"), fms), ">", 1.0,
                  liger.get("note") if liger.get("status") == C.UNAVAILABLE else "")
         peak = f.get("peak_extra_bytes")
         crit.add(bar, "peak extra memory (GiB)", peak / 2**30 if peak is not None else None, "<=", 2.0)
         for key, what in (("err_loss", "loss"), ("err_dw", "dW")):
-            crit.add(bar, f"{what} error vs fp64 / eager's", _ratio(f.get(key), eager.get(key)), "<=", 2.0)
+            crit.add(bar, f"{what} error vs fp64 / eager's", C.ratio(f.get(key), eager.get(key)), "<=", 2.0)
 
 
 def _optim_bars(crit: Criteria, rows: list, cfg: optim.OptimConfig, device: str) -> None:

@@ -331,6 +331,11 @@ def fmt_csv(v):
     return v
 
 
+def ratio(a, b):
+    """a / b, or None when either is missing (or b is 0)."""
+    return a / b if a is not None and b else None
+
+
 def fmt(v, spec: str = ".3g", missing: str = "-") -> str:
     if v is None or v == "":
         return missing

@@ -284,9 +284,9 @@ def sft_bars(crit, rows: list) -> None:
     why = f.get("note") or dense.get("note") or ""
     crit.add(bar, "fastreg agrees with float64 reference", 1.0 if f.get("status") == C.OK else None, ">=", 1,
              note=why)
-    crit.add(bar, "fastreg masked / fastreg unmasked time", _ratio(f.get("median_ms"), dense.get("median_ms")),
+    crit.add(bar, "fastreg masked / fastreg unmasked time", C.ratio(f.get("median_ms"), dense.get("median_ms")),
              "<=", 0.6, note=why)
-    crit.add(bar, "speedup vs eager (masked)", _ratio(eager.get("median_ms"), f.get("median_ms")), ">=", 1.8,
+    crit.add(bar, "speedup vs eager (masked)", C.ratio(eager.get("median_ms"), f.get("median_ms")), ">=", 1.8,
              note=why)
 
 
@@ -310,12 +310,12 @@ def dtype_bars(crit, rows: list) -> None:
         crit.add(bar, "fastreg agrees with float64 reference", 1.0 if f.get("status") == C.OK else None, ">=", 1,
                  note=f.get("note") or "")
         if group == "float32":
-            crit.add(bar, "time / 3-matmul floor", _ratio(f.get("median_ms"), floor.get("median_ms")), "<=", 1.08)
+            crit.add(bar, "time / 3-matmul floor", C.ratio(f.get("median_ms"), floor.get("median_ms")), "<=", 1.08)
             continue
-        crit.add(bar, f"time / 3 {group} GEMMs floor", _ratio(f.get("median_ms"), floor.get("median_ms")), "<=", 1.10)
-        crit.add(bar, "speedup vs eager", _ratio(eager.get("median_ms"), f.get("median_ms")), ">=", 1.15)
+        crit.add(bar, f"time / 3 {group} GEMMs floor", C.ratio(f.get("median_ms"), floor.get("median_ms")), "<=", 1.10)
+        crit.add(bar, "speedup vs eager", C.ratio(eager.get("median_ms"), f.get("median_ms")), ">=", 1.15)
         for key, what in (("err_loss", "loss"), ("err_dx", "dX"), ("err_dw", "dW")):
-            crit.add(bar, f"{what} error vs fp64 / eager's", _ratio(f.get(key), eager.get(key)), "<=", 2.0)
+            crit.add(bar, f"{what} error vs fp64 / eager's", C.ratio(f.get(key), eager.get(key)), "<=", 2.0)
 
 
 FILTER_EPS_FLOAT = 2.0 ** -10
@@ -346,17 +346,13 @@ def peaked_bars(crit, rows: list) -> None:
     why = auto.get("note", "")  # e.g. a fastreg without grad_filter_eps: the bars are not met (FAIL)
     crit.add(bar, "filtered agrees with float64 reference", 1.0 if auto.get("status") == C.OK else None, ">=", 1,
              note=why)
-    crit.add(bar, "speedup of filtering (off / auto)", _ratio(off.get("median_ms"), auto.get("median_ms")), ">=", 1.3,
+    crit.add(bar, "speedup of filtering (off / auto)", C.ratio(off.get("median_ms"), auto.get("median_ms")), ">=", 1.3,
              note=why)
     same = None if auto.get("loss") is None or off.get("loss") is None else float(auto["loss"] == off["loss"])
     crit.add(bar, "loss identical to unfiltered (1 = yes)", same, ">=", 1, note=why)
     for key, what in (("err_dx", "dX"), ("err_dw", "dW")):
-        crit.add(bar, f"{what} error vs fp64 / eager bf16's", _ratio(auto.get(key), eager.get(key)), "<=", 2.0,
+        crit.add(bar, f"{what} error vs fp64 / eager bf16's", C.ratio(auto.get(key), eager.get(key)), "<=", 2.0,
                  note=why)
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
 
 
 # ----------------------------------------------------------------------------------------------
