@@ -4,7 +4,8 @@
 // (TORCH_LIBRARY in csrc/fastreg.cpp); the functions here only describe the build:
 //   fastreg version, torch version of the headers it was compiled against, CUDA archs compiled,
 //   whether CUDA kernels are present, the CPU code path the kernels picked at load
-//   (fastreg::cpu_code_path, csrc/optim/optim_cpu.cpp), OpenMP threads.
+//   (fastreg::cpu_code_path, csrc/optim/optim_cpu.cpp), OpenMP threads; and the controls of the
+//   large-CPU-buffer cache (csrc/mem/cpu_buffers.h, fastreg/memory.py).
 // fastreg/_C_loader.py compares the torch version with the running torch and refuses a mismatch;
 // `python -m fastreg` prints the whole report.
 //
@@ -15,10 +16,12 @@
 
 #include <torch/headeronly/version.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
 #include "common.h"
+#include "mem/cpu_buffers.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -96,5 +99,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "whether the CPU kernels were built with OpenMP");
+  m.def(
+      "cpu_cache_info",
+      [] {
+        const auto i = fastreg::cpu_buffers::info();
+        return std::map<std::string, int64_t>{{"cached_bytes", i.cached_bytes}, {"limit_bytes", i.limit_bytes},
+                                              {"live_bytes", i.live_bytes}, {"hits", i.hits}, {"misses", i.misses}};
+      },
+      "the cache of large CPU buffers (csrc/mem/cpu_buffers.h): bytes cached, limit, bytes in use, hits, misses");
+  m.def("cpu_cache_release", &fastreg::cpu_buffers::release, "return every cached CPU buffer block to the system");
+  m.def("cpu_cache_set_limit", &fastreg::cpu_buffers::set_limit, "bytes the CPU buffer cache may hold");
   m.def("openmp_threads", &openmp_threads, "OpenMP threads the CPU kernels use (omp_get_max_threads)");
 }

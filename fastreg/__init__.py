@@ -11,7 +11,9 @@ The operators themselves are ``torch.ops.fastreg.*`` (schemas in csrc/fastreg.cp
 from ._version import __version__  # noqa: F401
 from ._C_loader import build_info, has_cuda_kernels  # noqa: F401  (loads the operator library first)
 from .functional import LinearCrossEntropyStats, linear_cross_entropy, linear_mse_loss  # noqa: F401
+from .memory import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit  # noqa: F401
 from . import nn  # noqa: F401
 from . import optim  # noqa: F401
 
-__all__ = ["linear_cross_entropy", "linear_mse_loss", "nn", "optim", "has_cuda_kernels", "build_info"]
+__all__ = ["linear_cross_entropy", "linear_mse_loss", "nn", "optim", "has_cuda_kernels", "build_info",
+           "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_limit"]

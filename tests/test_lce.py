@@ -153,6 +153,34 @@ def test_low_precision_error_within_2x_of_torch(device, dtype, opts):
         assert err_ours <= 2 * err_torch + floor, f"output {i}: fastreg error {err_ours} vs torch {err_torch}"
 
 
+def _cpu_has_fp16_gemm() -> bool:
+    caps = torch._C._cpu._get_cpu_capability()
+    return bool(caps.get("avx512_fp16") or caps.get("amx_fp16")) or caps.get("architecture") != "x86_64"
+
+
+@pytest.mark.skipif(_cpu_has_fp16_gemm(), reason="this CPU has fp16 matrix instructions: fp16 runs natively")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fp16_on_cpu_without_fp16_gemm_runs_in_fp32(reduction):
+    """x86 without AVX512-FP16/AMX-FP16: torch's fp16 GEMM is a ~1 GFLOP/s fallback, so fp16 calls
+    compute in fp32 and round once: exactly the fp32 call on the upcast inputs, rounded to fp16."""
+    case = make(64, 48, 700, bias=True, class_weight=True, ignore=3)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction, chunk_size=16)
+    up = torch.randn(64, generator=torch.Generator().manual_seed(3)).half() if reduction == "none" else None
+
+    def grads(dtype):
+        x, w, b = (case[k].detach().to(dtype).requires_grad_() for k in ("input", "linear_weight", "linear_bias"))
+        loss = fastreg.linear_cross_entropy(x, w, case["target"], linear_bias=b, weight=case["weight"].half().to(dtype),
+                                            **opts)
+        loss.backward(None if up is None else up.to(dtype))  # 'mean': the unit upstream gradient of training
+        return [loss.detach(), x.grad, w.grad, b.grad]
+
+    x16 = {k: case[k].half() for k in ("input", "linear_weight", "linear_bias")}
+    case.update(x16)
+    for o, f in zip(grads(torch.float16), grads(torch.float32)):
+        assert o.dtype == torch.float16
+        assert torch.equal(o, f.half())
+
+
 def opcheck_samples(device):
     samples = []
     for red, mask, bias, cw in [(1, [True, True, True], True, True), (2, [True, False, False], False, False),

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "lce/lce_math.h"
+#include "mem/cpu_buffers.h"
 #include "small/small_dense.h"
 #include "small/fused_linear_autograd.h"
 #include "small/small_parallel.h"
@@ -400,11 +402,11 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
   // input's dtype when one GEMM makes it (the GEMM accumulates in fp32 and rounds once, as eager);
   // else accumulated in fp32 (CUDA: through cuBLAS's fp32 output; CPU: a partial product per chunk).
   const bool gw_direct = dt == p.acc || one_chunk;
-  if (want_gi) g.input = compact ? at::zeros({p.N, p.D}, p.x.options()) : at::empty({p.N, p.D}, p.x.options());
+  if (want_gi) g.input = compact ? cpu_buffers::zeros({p.N, p.D}, p.x.options()) : cpu_buffers::empty({p.N, p.D}, p.x.options());
   if (want_gw) {
     const bool zero = M == 0 || (filter && !gw_direct) || (!gw_direct && !p.x.is_cpu());
-    g.weight = zero ? at::zeros({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc))
-                    : at::empty({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc));
+    g.weight = zero ? cpu_buffers::zeros({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc))
+                    : cpu_buffers::empty({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc));
   }
   if (want_gb) g.bias = at::zeros({p.V}, acc_opts);
   if (a.stats) {
@@ -418,11 +420,11 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
   if (p.N == 0 || M == 0) return;
 
   const int64_t rows_buf = std::min(rows_per, M);
-  Tensor buf = at::empty({rows_buf, p.V}, p.x.options());
+  Tensor buf = cpu_buffers::empty({rows_buf, p.V}, p.x.options());
   Tensor xbuf, gibuf, lbuf, lsebuf, amaxbuf;  // gather/scatter buffers of a compacted chunk
   if (compact) {
-    xbuf = at::empty({rows_buf, p.D}, p.x.options());
-    if (want_gi) gibuf = at::empty({rows_buf, p.D}, p.x.options());
+    xbuf = cpu_buffers::empty({rows_buf, p.D}, p.x.options());
+    if (want_gi) gibuf = cpu_buffers::empty({rows_buf, p.D}, p.x.options());
     lbuf = at::empty({rows_buf}, acc_opts);
     if (a.stats) lsebuf = at::empty({rows_buf}, acc_opts), amaxbuf = at::empty({rows_buf}, st.argmax.options());
   }
@@ -477,7 +479,7 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
         } else if (!p.x.is_cpu()) {
           at::addmm_out(g.weight, g.weight, logits.t(), xc, p.acc);  // cuBLAS: bf16/fp16 in, fp32 accumulate
         } else {
-          if (!gw_tmp.defined()) gw_tmp = at::empty({p.V, p.D}, p.w.options());
+          if (!gw_tmp.defined()) gw_tmp = cpu_buffers::empty({p.V, p.D}, p.w.options());
           at::mm_out(gw_tmp, logits.t(), xc);
           if (!gw_started) g.weight.copy_(gw_tmp);
           else g.weight.add_(gw_tmp);
@@ -619,6 +621,33 @@ double filter_threshold(double grad_filter_eps, const Tensor& row_scale) {
   return std::isfinite(s) ? grad_filter_eps * s : 0.0;
 }
 
+// fp16 on a CPU without fp16 matrix instructions (AVX512-FP16 / AMX-FP16): torch's fp16 GEMM there
+// is a slow fallback (measured, torch 2.13, 2-core AVX-512 VM: 256x1024 @ 1024x32000 0.68 s,
+// 256x32000 @ 32000x1024 37 s -- 1 GFLOP/s -- against ~100 GFLOP/s in fp32), so such calls run
+// in fp32 on upcast copies (one extra V x D fp32 copy of the weight) and round their results to
+// fp16 once: faster by an order of magnitude and no less accurate than fp16 GEMMs.
+bool half_via_float(const Tensor& input) {
+  if (!input.is_cpu() || input.scalar_type() != at::kHalf) return false;
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool slow_half_gemm = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    auto has = [&](const char* key) {
+      const auto it = caps.find(key);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return !has("avx512_fp16") && !has("amx_fp16");
+  }();
+  return slow_half_gemm;
+#else
+  return false;  // aarch64 and others: native fp16 arithmetic
+#endif
+}
+Tensor to_float(const Tensor& t) { return at::isFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t; }
+std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(to_float(*t)) : std::nullopt;
+}
+Tensor to_half(const Tensor& t) { return t.to(at::kHalf); }
+
 Outputs lce_forward(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
                     const std::optional<Tensor>& class_weight, int64_t reduction, int64_t ignore_index,
                     double label_smoothing, double softcap, double z_loss, int64_t chunk_size,
@@ -628,6 +657,14 @@ Outputs lce_forward(const Tensor& input, const Tensor& weight, const Tensor& tar
   TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, fn,
                     ": reduction must be 'none', 'mean' or 'sum' (0, 1, 2), got ", reduction);
   check_options(fn, grad_filter_eps, skip_ignored);
+  if (half_via_float(input)) {
+    check_operands(fn, input, weight, target, bias, class_weight);
+    auto [loss, gi, gw, gb, lse, pred] =
+        lce_forward(to_float(input), to_float(weight), to_float(target), to_float(bias), to_float(class_weight),
+                    reduction, ignore_index, label_smoothing, softcap, z_loss, chunk_size, output_mask,
+                    grad_filter_eps, skip_ignored, return_stats);
+    return {to_half(loss), to_half(gi), to_half(gw), to_half(gb), lse, pred};
+  }
   Problem p =
       prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
   const bool write_grad = reduction != kNone && (output_mask[0] || output_mask[1] || (output_mask[2] && bias));
@@ -721,6 +758,13 @@ std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const T
                                                 double grad_filter_eps, int64_t skip_ignored) {
   static const char* fn = "fastreg.linear_cross_entropy_backward";
   check_options(fn, grad_filter_eps, skip_ignored);
+  if (half_via_float(input)) {
+    check_operands(fn, input, weight, target, bias, class_weight);
+    auto [gi, gw, gb] = lce_backward(to_float(grad_loss), to_float(input), to_float(weight), to_float(target),
+                                     to_float(bias), to_float(class_weight), ignore_index, label_smoothing, softcap,
+                                     z_loss, chunk_size, output_mask, grad_filter_eps, skip_ignored);
+    return {to_half(gi), to_half(gw), to_half(gb)};
+  }
   Problem p =
       prepare(fn, input, weight, target, bias, class_weight, ignore_index, label_smoothing, softcap, z_loss, chunk_size);
   TORCH_CHECK_VALUE(grad_loss.numel() == p.N, fn, ": grad_loss has ", grad_loss.numel(), " elements, expected ", p.N);

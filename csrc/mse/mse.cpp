@@ -23,6 +23,7 @@
 #include <optional>
 #include <tuple>
 
+#include "mem/cpu_buffers.h"
 #include "small/small_dense.h"
 #include "small/fused_linear_autograd.h"
 #include "small/small_parallel.h"
@@ -150,8 +151,8 @@ Tensor run_chunks(const MseProblem& p, double scale, const Tensor& elem_scale, b
              want_gb = write_grad && mask[2] && p.bias.defined();
   const auto dt = p.x.scalar_type();
   const bool low = dt != p.acc;
-  if (want_gi) g.input = at::empty({p.N, p.D}, p.x.options());
-  if (want_gw) g.weight = at::zeros({p.V, p.D}, p.w.options().dtype(p.acc));
+  if (want_gi) g.input = cpu_buffers::empty({p.N, p.D}, p.x.options());
+  if (want_gw) g.weight = cpu_buffers::zeros({p.V, p.D}, p.w.options().dtype(p.acc));
   if (want_gb) g.bias = at::zeros({p.V}, p.w.options().dtype(p.acc));
   Tensor total = at::zeros({}, p.x.options().dtype(p.acc));
   if (p.N == 0) return total;
@@ -160,7 +161,7 @@ Tensor run_chunks(const MseProblem& p, double scale, const Tensor& elem_scale, b
   if (rows_per < p.N) rows_per = (p.N + (p.N + rows_per - 1) / rows_per - 1) / ((p.N + rows_per - 1) / rows_per);
   rows_per = std::min(rows_per, p.N);
   const Tensor wt = p.w.t();
-  Tensor buf = at::empty({rows_per, p.V}, p.x.options());
+  Tensor buf = cpu_buffers::empty({rows_per, p.V}, p.x.options());
   Tensor gw_tmp;
   for (int64_t r0 = 0; r0 < p.N; r0 += rows_per) {
     const int64_t rows = std::min(rows_per, p.N - r0);
@@ -185,7 +186,7 @@ Tensor run_chunks(const MseProblem& p, double scale, const Tensor& elem_scale, b
       } else if (!p.x.is_cpu()) {
         at::addmm_out(g.weight, g.weight, r.t(), xc, p.acc);  // cuBLAS: low precision in, fp32 accumulate
       } else {
-        if (!gw_tmp.defined()) gw_tmp = at::empty({p.V, p.D}, p.w.options());
+        if (!gw_tmp.defined()) gw_tmp = cpu_buffers::empty({p.V, p.D}, p.w.options());
         at::mm_out(gw_tmp, r.t(), xc);
         g.weight.add_(gw_tmp);
       }

@@ -11,8 +11,10 @@
   outputs of the input dtype; oneDNN accumulates each GEMM in fp32 internally and rounds its
   output once, no separate fp32 accumulation of dW), errors against fp64 side by side; ``bf16``
   also measures fp32 at the same shape. ``fp16`` is not in the default set: torch 2.13's fp16
-  GEMM on a CPU without AVX512-FP16/AMX-FP16 runs at ~0.1-6 GFLOP/s (measured on this VM: one
-  256x32000 @ 32000x1024 product 130 s), so eager and the floor take tens of minutes per step.
+  GEMM on a CPU without AVX512-FP16/AMX-FP16 runs at ~1-25 GFLOP/s (measured on this VM: one
+  256x32000 @ 32000x1024 product 37 s), so at 2048 rows eager and the floor would take ~10 min
+  per step; there fp16 runs at ``N_fp16_slow_gemm`` = 256 rows (fastreg computes such fp16 calls
+  in fp32, see ``fastreg.linear_cross_entropy``).
 - ``peaked``: a "trained-LM-like" input, bf16, 2048x1024x32000: Zipf(1.1) targets (class id =
   frequency rank, as in a BPE vocabulary) and hidden states aligned with their target's weight
   row, ``h = alpha * W[t] / |W[t]| + noise`` with noise of logit-scale std ``PEAKED_NOISE``;
@@ -58,10 +60,22 @@ class Shapes:
     D: int = 1024
     V: int = 32000
     N_dtype: int = 2048
+    N_fp16_slow_gemm: int = 256  # fp16 rows where torch's fp16 GEMM is a slow fallback (see above)
 
     @classmethod
     def quick(cls) -> "Shapes":
-        return cls(seqs=4, seq_len=32, D=32, V=2048, N_dtype=128)
+        return cls(seqs=4, seq_len=32, D=32, V=2048, N_dtype=128, N_fp16_slow_gemm=64)
+
+    def rows(self, dtype: torch.dtype, device: str) -> int:
+        if dtype == torch.float16 and device == "cpu" and slow_fp16_gemm():
+            return min(self.N_dtype, self.N_fp16_slow_gemm)
+        return self.N_dtype
+
+
+def slow_fp16_gemm() -> bool:
+    """An x86 CPU without AVX512-FP16/AMX-FP16: torch's fp16 GEMM is a scalar fallback there."""
+    caps = torch._C._cpu._get_cpu_capability()
+    return caps.get("architecture") == "x86_64" and not (caps.get("avx512_fp16") or caps.get("amx_fp16"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +307,7 @@ def sft_bars(crit, rows: list) -> None:
 def dtype_cases(shapes: Shapes, device: str, dtypes: list) -> list:
     cases = []
     for dtype in dtypes:
-        cfg = LCEConfig(shapes.N_dtype, shapes.D, shapes.V, dtype, "mean")
+        cfg = LCEConfig(shapes.rows(dtype, device), shapes.D, shapes.V, dtype, "mean")
         inp = lce.make_inputs(cfg, device)
         ref = lce.reference(inp, cfg, device)
         group = C.dtype_name(dtype)
