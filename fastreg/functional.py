@@ -182,10 +182,10 @@ def linear_cross_entropy(
       sequence and the last position is ignored. The input is not copied. ``'none'`` returns
       ``(B, T)`` with 0 at the last position.
     * ``grad_filter_eps``: gradient filtering (off by default). The backward GEMMs (``dX``, ``dW``)
-      leave out the blocks of 256 classes whose logit gradients ``|d loss_i / d z_ic|`` (of each
-      row's own loss, before the reduction's ``1/N``) are all ``<= grad_filter_eps`` -- per tile
-      of 256 rows for ``dX``, per chunk for ``dW``; each row's target entry is added exactly,
-      outside the GEMMs. The loss is unchanged; each gradient entry changes by at most the sum of
+      leave out the blocks of ~256 classes (``V`` split evenly) whose logit gradients
+      ``|d loss_i / d z_ic|`` (of each row's own loss, before the reduction's ``1/N``) are all
+      ``<= grad_filter_eps`` in every row of a tile of 256 rows, for ``dX`` and ``dW`` alike;
+      each row's target entry is added exactly, outside the GEMMs. The loss is unchanged; each gradient entry changes by at most the sum of
       the skipped terms, ``|d input_i| <= eps * scale * sum_c |W_c|`` over the skipped classes
       (``linear_weight``: ``eps * scale * sum_i |x_i|``). ``"auto"``: ``finfo(dtype).eps / 32``
       (bf16 2**-12, fp16 2**-15, fp32 2**-28; float64: off), below the resolution of

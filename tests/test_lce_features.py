@@ -177,6 +177,55 @@ def test_grad_filter_loss_unchanged_and_error_bounded(dtype, reduction):
             assert (on[i].double() - off[i].double()).abs().max() <= bound + 2 * (off[i].double() - exact[i]).abs().max()
 
 
+@pytest.mark.parametrize("chunk_size", [None, 512])
+def test_grad_filter_skips_exactly_the_blocks_no_row_of_a_tile_needs(chunk_size):
+    """The documented rule, per 256-row tile for dX and dW: a (tile, ~256-class block) product is left
+    out iff every row of the tile has all its non-target |d loss_i / d z_ic| <= eps there; the
+    target entries are added exactly. Tiles 0, 2 and 3 share their hot classes (block 1) and tile 1
+    and 4 do not, so block 1 is kept by non-consecutive tiles (the gathered dW path)."""
+    N, D, V, eps, tile = 1100, 64, 2000, 1e-3, 256
+    bw = -(-V // -(-V // 256))  # V split evenly into ceil(V / 256) blocks: 250 classes each
+    g = torch.Generator().manual_seed(5)
+    # the classes of a block share a direction, so a row's probability mass stays in its target's block
+    centers = torch.randn((V + bw - 1) // bw, D, generator=g, dtype=torch.float64)
+    w = centers.repeat_interleave(bw, 0)[:V] + 0.3 * torch.randn(V, D, generator=g, dtype=torch.float64)
+    hot = {0: 1, 1: 3, 2: 1, 3: 1, 4: 7}  # tile -> block of its targets
+    t = torch.cat([bw * hot[k] + torch.randint(0, min(bw, V - bw * hot[k]), (min(tile, N - k * tile),), generator=g)
+                   for k in range(5)])
+    x = 2.0 * w[t] / w[t].norm(dim=1, keepdim=True) + 0.05 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    # the expected filtered gradients, from the rule (fp64 throughout, so rounding cannot hide a product)
+    grad = torch.softmax(x @ w.t(), 1)
+    own = grad.clone()
+    own[torch.arange(N), t] = 0  # the target entries never decide a block
+    blocks = (V + bw - 1) // bw
+    pad = torch.zeros(N, blocks * bw, dtype=torch.float64)
+    pad[:, :V] = own.abs()
+    row_keep = pad.view(N, blocks, bw).amax(2) > eps
+    tiles = (N + tile - 1) // tile
+    tile_keep = torch.stack([row_keep[k * tile:(k + 1) * tile].any(0) for k in range(tiles)])
+    assert not tile_keep[1, 1] and tile_keep[0, 1] and tile_keep[2, 1]  # the input does what it says
+    keep = tile_keep.repeat_interleave(tile, 0)[:N].repeat_interleave(bw, 1)[:, :V]
+    grad[torch.arange(N), t] -= 1.0
+    filtered = torch.where(keep, grad, 0.0)
+    filtered[torch.arange(N), t] = grad[torch.arange(N), t]
+    want_dx, want_dw = filtered @ w, filtered.t() @ x
+    full_dx, full_dw = grad @ w, grad.t() @ x
+
+    def grads(filter_eps):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fastreg.linear_cross_entropy(xg, wg, t, reduction="sum", grad_filter_eps=filter_eps,
+                                     chunk_size=chunk_size).backward()
+        return xg.grad, wg.grad
+
+    (dx, dw), (dx_off, dw_off) = grads(eps), grads(None)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw, want_dw, rtol=1e-12, atol=1e-12)
+    # what the filter left out is exactly the rule's products (sharper than the totals above)
+    for got, off, want, full in ((dx, dx_off, want_dx, full_dx), (dw, dw_off, want_dw, full_dw)):
+        assert (full - want).abs().max() > 1e-6  # the rule does leave products out
+        torch.testing.assert_close(off - got, full - want, rtol=0, atol=1e-12)
+
+
 def test_grad_filter_bad_values():
     case = make(4, 3, 70)
     for bad in (-1.0, "fast", float("inf"), True):

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -321,13 +322,15 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
       b = e;
     }
   };
-  std::vector<uint8_t> tile_keep(blocks), chunk_keep(blocks, 0);
-  for (int64_t t0 = 0; t0 < rows; t0 += kFilterTileRows) {
-    const int64_t tn = std::min(kFilterTileRows, rows - t0);
+  const int64_t tiles = (rows + kFilterTileRows - 1) / kFilterTileRows;
+  std::vector<uint8_t> tile_keep(blocks);
+  std::vector<uint8_t> tiles_of_block(blocks * tiles, 0);  // [b * tiles + t]: tile t keeps block b
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t t0 = t * kFilterTileRows, tn = std::min(kFilterTileRows, rows - t0);
     std::fill(tile_keep.begin(), tile_keep.end(), 0);
     for (int64_t r = t0; r < t0 + tn; ++r)
       for (int64_t b = 0; b < blocks; ++b) tile_keep[b] |= k[r * blocks + b];
-    for (int64_t b = 0; b < blocks; ++b) chunk_keep[b] |= tile_keep[b];
+    for (int64_t b = 0; b < blocks; ++b) tiles_of_block[b * tiles + t] = tile_keep[b];
     if (!want_gi) continue;
     // dX of the tile's rows from the tile's kept blocks
     const Tensor lt = logits.narrow(0, t0, tn);
@@ -341,27 +344,58 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
     if (!written) git.zero_();
   }
   if (want_gw) {
-    // dW of the blocks some tile kept, over all the chunk's rows: one GEMM per run, so a grad_W of
-    // the input's dtype is written with one rounding (rows of other tiles add their small true
-    // values, never an error). The first chunk writes the runs and zeroes the gaps.
+    // dW per tile too: consecutive blocks kept by the same set of tiles form a run, and each run is
+    // one GEMM over the rows of those tiles -- views when the tiles are consecutive, else gathered
+    // -- so a grad_W of the input's dtype is still written with one rounding. (Per chunk, the union
+    // of the tiles' blocks, measured on the peaked bf16 input: 70% of the tile x block products
+    // against 43% per tile.) The first chunk writes the runs and zeroes the blocks no tile kept.
     const bool direct = gw_acc.scalar_type() == logits.scalar_type();
-    int64_t gap0 = 0;
-    for_runs(chunk_keep, [&](int64_t c0, int64_t cn) {
+    auto same_tiles = [&](int64_t a, int64_t b) {
+      return std::equal(tiles_of_block.begin() + a * tiles, tiles_of_block.begin() + (a + 1) * tiles,
+                        tiles_of_block.begin() + b * tiles);
+    };
+    for (int64_t b = 0; b < blocks;) {
+      int64_t e = b + 1;
+      while (e < blocks && same_tiles(b, e)) ++e;
+      const int64_t c0 = b * bw, cn = std::min(e * bw, p.V) - c0;
+      const uint8_t* kept = tiles_of_block.data() + b * tiles;
+      b = e;
+      if (cn <= 0) continue;
       Tensor gwb = gw_acc.narrow(0, c0, cn);
-      const Tensor lb = logits.narrow(1, c0, cn).t();
-      if (first_chunk && direct) {
-        if (c0 > gap0) gw_acc.narrow(0, gap0, c0 - gap0).zero_();
-        at::mm_out(gwb, lb, xc);
-      } else if (direct) {
-        gwb.addmm_(lb, xc);
-      } else if (!p.x.is_cpu()) {
-        at::addmm_out(gwb, gwb, lb, xc, gw_acc.scalar_type());
-      } else {
-        gwb.add_(at::mm(lb, xc));  // (no mixed-dtype GEMM on CPU)
+      const int64_t first = std::find(kept, kept + tiles, 1) - kept;
+      if (first == tiles) {
+        if (first_chunk && direct) gwb.zero_();
+        continue;
       }
-      gap0 = c0 + cn;
-    });
-    if (first_chunk && direct && p.V > gap0) gw_acc.narrow(0, gap0, p.V - gap0).zero_();
+      const int64_t last = tiles - (std::find(std::make_reverse_iterator(kept + tiles),
+                                              std::make_reverse_iterator(kept), 1) -
+                                    std::make_reverse_iterator(kept + tiles));
+      const bool consecutive = std::count(kept + first, kept + last, 1) == last - first;
+      Tensor lb, xs;
+      if (consecutive) {
+        const int64_t r0 = first * kFilterTileRows, rn = std::min(last * kFilterTileRows, rows) - r0;
+        lb = logits.narrow(0, r0, rn).narrow(1, c0, cn).t();
+        xs = xc.narrow(0, r0, rn);
+      } else {
+        std::vector<int64_t> row_ids;
+        for (int64_t t = first; t < last; ++t)
+          if (kept[t])
+            for (int64_t r = t * kFilterTileRows; r < std::min((t + 1) * kFilterTileRows, rows); ++r)
+              row_ids.push_back(r);
+        const Tensor ids = at::tensor(row_ids, xc.options().dtype(at::kLong));
+        lb = logits.narrow(1, c0, cn).index_select(0, ids).t();
+        xs = xc.index_select(0, ids);
+      }
+      if (first_chunk && direct) {
+        at::mm_out(gwb, lb, xs);
+      } else if (direct) {
+        gwb.addmm_(lb, xs);
+      } else if (!p.x.is_cpu()) {
+        at::addmm_out(gwb, gwb, lb, xs, gw_acc.scalar_type());
+      } else {
+        gwb.add_(at::mm(lb, xs));  // (no mixed-dtype GEMM on CPU)
+      }
+    }
   }
   if (!target.defined()) return;
   // the targets' entries, in the accumulate dtype
