@@ -74,6 +74,7 @@ def test_gradients_from_the_cache_are_ordinary_tensors():
     copy = gw.clone()
     gw.resize_(2 * gw.shape[0], gw.shape[1])  # grows through the allocator, keeps the data
     assert torch.equal(gw[: copy.shape[0]], copy)
+    gw[copy.shape[0]:] = 1.0  # the grown half is uninitialised (may hold NaN bit patterns)
     buf = io.BytesIO()
     torch.save(gw, buf)
     buf.seek(0)
@@ -101,3 +102,52 @@ def test_bad_environment_setting_is_a_clear_error():
     r = subprocess.run([sys.executable, "-c", code + "print(fastreg.cpu_cache_info()['limit_bytes'])"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
+
+
+def test_concurrent_steps_share_the_cache_safely():
+    """Threads allocating and freeing cached blocks at once get exactly the sequential results."""
+    import threading
+
+    live_before = fastreg.cpu_cache_info()["live_bytes"]  # tensors other tests may still hold
+    want = [[v.clone() for v in _step(seed=s)[:3]] for s in range(4)]
+    got = [None] * 4
+
+    def work(s):
+        for _ in range(3):
+            got[s] = [v.clone() for v in _step(seed=s)[:3]]
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for s in range(4):
+        for a, b in zip(got[s], want[s]):
+            assert torch.equal(a, b)
+    assert fastreg.cpu_cache_info()["live_bytes"] == live_before  # every block came back
+
+
+def test_fork_while_cache_is_used():
+    """A child forked from a process using the cache can allocate from it (no inherited lock).
+
+    The child runs single-threaded, as DataLoader workers do: GNU OpenMP's thread pool does not
+    survive fork(), whatever the cache does."""
+    import multiprocessing as mp
+
+    _step()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_step, args=(q,))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail("the forked child did not finish within 120 s")
+    assert p.exitcode == 0 and q.get(timeout=5) is True
+
+
+def _child_step(q):
+    torch.set_num_threads(1)
+    loss, _, gw, _ = _step()
+    q.put(bool(torch.isfinite(loss)) and gw.abs().sum().item() > 0)

@@ -22,6 +22,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace fastreg::cpu_buffers {
 namespace {
@@ -118,6 +121,9 @@ class Pool {
     if (cached_bytes() > static_cast<size_t>(bytes)) release();
   }
 
+  void lock() { mu_.lock(); }
+  void unlock() { mu_.unlock(); }
+
   Info info() {
     std::lock_guard<std::mutex> lock(mu_);
     return {static_cast<int64_t>(cached_bytes_), limit_locked(), static_cast<int64_t>(live_bytes_), hits_, misses_};
@@ -150,7 +156,16 @@ class Pool {
 };
 
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: tensors may be freed during interpreter exit
+  // never destroyed: tensors may be freed during interpreter exit
+  static Pool* p = [] {
+    auto* created = new Pool();
+#if defined(__unix__) || defined(__APPLE__)
+    // a fork (DataLoader workers) while another thread holds the lock must not leave the child's
+    // copy locked forever: hold it across fork() and release it on both sides
+    pthread_atfork([] { pool().lock(); }, [] { pool().unlock(); }, [] { pool().unlock(); });
+#endif
+    return created;
+  }();
   return *p;
 }
 
