@@ -185,7 +185,9 @@ def linear_cross_entropy(
       leave out the blocks of ~256 classes (``V`` split evenly) whose logit gradients
       ``|d loss_i / d z_ic|`` (of each row's own loss, before the reduction's ``1/N``) are all
       ``<= grad_filter_eps`` in every row of a tile of 256 rows, for ``dX`` and ``dW`` alike;
-      each row's target entry is added exactly, outside the GEMMs. The loss is unchanged; each gradient entry changes by at most the sum of
+      the rows are grouped by target for this (rows with the same target need the same classes),
+      so a tile is 256 consecutive rows of the stable sort by target. Each row's target entry is
+      added exactly, outside the GEMMs. The loss is unchanged; each gradient entry changes by at most the sum of
       the skipped terms, ``|d input_i| <= eps * scale * sum_c |W_c|`` over the skipped classes
       (``linear_weight``: ``eps * scale * sum_i |x_i|``). ``"auto"``: ``finfo(dtype).eps / 32``
       (bf16 2**-12, fp16 2**-15, fp32 2**-28; float64: off), below the resolution of

@@ -179,20 +179,25 @@ def test_grad_filter_loss_unchanged_and_error_bounded(dtype, reduction):
 
 @pytest.mark.parametrize("chunk_size", [None, 512])
 def test_grad_filter_skips_exactly_the_blocks_no_row_of_a_tile_needs(chunk_size):
-    """The documented rule, per 256-row tile for dX and dW: a (tile, ~256-class block) product is left
-    out iff every row of the tile has all its non-target |d loss_i / d z_ic| <= eps there; the
-    target entries are added exactly. Tiles 0, 2 and 3 share their hot classes (block 1) and tile 1
-    and 4 do not, so block 1 is kept by non-consecutive tiles (the gathered dW path)."""
+    """The documented rule, per 256-row tile for dX and dW: the rows are grouped by target (stable
+    sort), and a (tile, ~256-class block) product is left out iff every row of the tile has all its
+    non-target |d loss_i / d z_ic| <= eps there; the target entries are added exactly. The rows come
+    shuffled (tiles in input order would mix every kind of row). Grouped, tile 0 holds the block-1
+    targets, tile 1 the block-3 ones, tiles 2-4 the block-7 ones; block-1 and block-7 rows also put
+    mass on block 5, so block 5 is kept by the non-consecutive tiles 0, 2, 3, 4 (the gathered dW path)."""
     N, D, V, eps, tile = 1100, 64, 2000, 1e-3, 256
     bw = -(-V // -(-V // 256))  # V split evenly into ceil(V / 256) blocks: 250 classes each
     g = torch.Generator().manual_seed(5)
     # the classes of a block share a direction, so a row's probability mass stays in its target's block
     centers = torch.randn((V + bw - 1) // bw, D, generator=g, dtype=torch.float64)
     w = centers.repeat_interleave(bw, 0)[:V] + 0.3 * torch.randn(V, D, generator=g, dtype=torch.float64)
-    hot = {0: 1, 1: 3, 2: 1, 3: 1, 4: 7}  # tile -> block of its targets
-    t = torch.cat([bw * hot[k] + torch.randint(0, min(bw, V - bw * hot[k]), (min(tile, N - k * tile),), generator=g)
-                   for k in range(5)])
+    groups = ((1, 256), (3, 256), (7, N - 512))  # (block of the targets, rows)
+    t = torch.cat([bw * b + torch.randint(0, min(bw, V - bw * b), (n,), generator=g) for b, n in groups])
     x = 2.0 * w[t] / w[t].norm(dim=1, keepdim=True) + 0.05 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    side = t // bw != 3
+    x[side] += 1.5 * centers[5] / centers[5].norm()
+    shuffle = torch.randperm(N, generator=g)
+    t, x = t[shuffle], x[shuffle]
     # the expected filtered gradients, from the rule (fp64 throughout, so rounding cannot hide a product)
     grad = torch.softmax(x @ w.t(), 1)
     own = grad.clone()
@@ -201,10 +206,15 @@ def test_grad_filter_skips_exactly_the_blocks_no_row_of_a_tile_needs(chunk_size)
     pad = torch.zeros(N, blocks * bw, dtype=torch.float64)
     pad[:, :V] = own.abs()
     row_keep = pad.view(N, blocks, bw).amax(2) > eps
+    order = torch.argsort(t, stable=True)
     tiles = (N + tile - 1) // tile
-    tile_keep = torch.stack([row_keep[k * tile:(k + 1) * tile].any(0) for k in range(tiles)])
-    assert not tile_keep[1, 1] and tile_keep[0, 1] and tile_keep[2, 1]  # the input does what it says
-    keep = tile_keep.repeat_interleave(tile, 0)[:N].repeat_interleave(bw, 1)[:, :V]
+    tile_keep = torch.stack([row_keep[order[k * tile:(k + 1) * tile]].any(0) for k in range(tiles)])
+    assert tile_keep[:, 5].tolist() == [True, False, True, True, True]  # the input does what it says
+    keep = torch.empty(N, blocks, dtype=torch.bool)
+    keep[order] = tile_keep.repeat_interleave(tile, 0)[:N]
+    in_input_order = torch.stack([row_keep[k * tile:(k + 1) * tile].any(0) for k in range(tiles)])
+    assert in_input_order.sum() > 1.5 * tile_keep.sum()  # grouping is what makes tiles sparse here
+    keep = keep.repeat_interleave(bw, 1)[:, :V]
     grad[torch.arange(N), t] -= 1.0
     filtered = torch.where(keep, grad, 0.0)
     filtered[torch.arange(N), t] = grad[torch.arange(N), t]

@@ -51,7 +51,7 @@ struct Problem {
   Tensor bias;    // (V,) or undefined
   Tensor cw;      // (V,) class weights in the accumulate dtype, or undefined
   Tensor probs;   // (N, V) class-probability targets (then target is empty), or undefined
-  Tensor active;  // (A,) int64 indices of the non-ignored rows when only they go through the GEMMs
+  Tensor active;  // (A,) int64 rows that go through the GEMMs, in that order (see active_rows, rows_by_target)
   int64_t N, D, V;
   at::ScalarType acc;
 };
@@ -436,7 +436,9 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
   // input's dtype when one GEMM makes it (the GEMM accumulates in fp32 and rounds once, as eager);
   // else accumulated in fp32 (CUDA: through cuBLAS's fp32 output; CPU: a partial product per chunk).
   const bool gw_direct = dt == p.acc || one_chunk;
-  if (want_gi) g.input = compact ? cpu_buffers::zeros({p.N, p.D}, p.x.options()) : cpu_buffers::empty({p.N, p.D}, p.x.options());
+  if (want_gi) {  // rows that skip the GEMMs get zeros
+    g.input = M < p.N ? cpu_buffers::zeros({p.N, p.D}, p.x.options()) : cpu_buffers::empty({p.N, p.D}, p.x.options());
+  }
   if (want_gw) {
     const bool zero = M == 0 || (filter && !gw_direct) || (!gw_direct && !p.x.is_cpu());
     g.weight = zero ? cpu_buffers::zeros({p.V, p.D}, p.w.options().dtype(gw_direct ? dt : p.acc))
@@ -644,6 +646,26 @@ Tensor active_rows(const Problem& p, int64_t ignore_index, int64_t skip_ignored)
   return index.size(0) == p.N ? Tensor() : index;
 }
 
+// Under gradient filtering the rows go through the GEMMs grouped by target (stable, so equal
+// targets keep their order): rows with the same target share their large logit gradients, so a
+// tile of them keeps few vocabulary blocks -- measured on the peaked bf16 input (256-row tiles,
+// 256-class blocks): 43% of the tile x block products kept in input order, 15% grouped. The rows
+// are gathered chunk by chunk and grad_input scattered back, as for skipped ignored rows. From
+// `rows` (the active rows, or undefined = all); on the host on CPU, a device sort elsewhere.
+Tensor rows_by_target(const Problem& p, const Tensor& rows) {
+  if (p.probs.defined() || p.N == 0) return rows;
+  if (p.target.is_cpu()) {
+    const int64_t* t = p.target.const_data_ptr<int64_t>();
+    Tensor order = rows.defined() ? rows.clone() : at::arange(p.N, p.target.options());
+    int64_t* o = order.data_ptr<int64_t>();
+    std::stable_sort(o, o + order.size(0), [t](int64_t i, int64_t j) { return t[i] < t[j]; });
+    return order;
+  }
+  const Tensor t = rows.defined() ? p.target.index_select(0, rows) : p.target;
+  const Tensor order = std::get<1>(at::sort(t, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  return rows.defined() ? rows.index_select(0, order) : order;
+}
+
 // grad_filter_eps is a bound on |d loss_i / d z_ic| of a row's own loss; the row pass compares the
 // gradient it writes (times the row's scale), so the bound is scaled by the smallest nonzero
 // |row scale| (conservative for per-row scales). On CUDA reading it is a host sync, as is the
@@ -765,6 +787,7 @@ Outputs lce_forward(const Tensor& input, const Tensor& weight, const Tensor& tar
     row_scale = at::ones({1}, acc_opts);
   }
   if (write_grad) a.grad_filter_eps = filter_threshold(grad_filter_eps, row_scale);
+  if (a.grad_filter_eps > 0) p.active = rows_by_target(p, p.active);
   Tensor loss_rows = at::empty({p.N}, acc_opts);
   Grads g;
   Stats st;
@@ -813,6 +836,7 @@ std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const T
     p.active = active_rows(p, ignore_index, skip_ignored);
     RowArgs a{ignore_index, label_smoothing, softcap, z_loss};
     a.grad_filter_eps = filter_threshold(grad_filter_eps, row_scale);
+    if (a.grad_filter_eps > 0) p.active = rows_by_target(p, p.active);
     Tensor loss_rows = at::empty({p.N}, p.x.options().dtype(p.acc));
     Stats st;
     run_chunks(p, a, chunk_size, row_scale, true, output_mask, loss_rows, g, st);
