@@ -323,3 +323,11 @@ def test_bars_md_carries_the_workloads(tmp_path, monkeypatch):
     rows = read_csv(tmp_path / "workloads.csv")
     assert {r["workload"] for r in rows} == {"sft"} and all(r["fastreg_commit"] for r in rows)
     assert {r["provider"] for r in rows if r["workload"] == "sft"} >= {"fastreg", "eager", "native", "floor"}
+
+
+def test_fp16_workload_is_default_only_where_its_gemms_are_fast(monkeypatch):
+    monkeypatch.setattr(workloads, "slow_fp16_gemm", lambda: True)
+    assert workloads.default_workloads("cpu") == list(workloads.DEFAULT)
+    assert "fp16" in workloads.default_workloads("cuda")
+    monkeypatch.setattr(workloads, "slow_fp16_gemm", lambda: False)
+    assert workloads.default_workloads("cpu") == list(workloads.DEFAULT) + ["fp16"]

@@ -6,7 +6,7 @@
     python -m fastreg.bench --ops fit            # whole fits of the small models vs torch and sklearn
     python -m fastreg.bench --ops small          # small models: fused loss and training-step latency
     python -m fastreg.bench --ops lce-real       # loss workloads like training: SFT masks, bf16, peaked (issue 11)
-    python -m fastreg.bench --ops lce-real --workloads peaked,fp16   # chosen ones (fp16 is opt-in)
+    python -m fastreg.bench --ops lce-real --workloads peaked,fp16   # chosen ones
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
     torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed   # vocab-parallel loss (fastreg/bench/distributed.py)
@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", choices=["lce", "optim", "small", "fit", "lce-real", "all"], default="all",
                    help="what to benchmark (default all; small: per-step latency of the small models; "
                         "fit: whole fits, CPU, not with --sizes; lce-real: the loss workloads of --workloads)")
-    p.add_argument("--workloads", type=_csv_list, default=list(workloads.DEFAULT),
+    p.add_argument("--workloads", type=_csv_list, default=None,
                    help="loss workloads of --ops lce-real / the default run / --bars: " + ",".join(workloads.ALL)
-                        + " (default " + ",".join(workloads.DEFAULT) + "; fp16 is slow on CPUs without fp16 GEMMs)")
+                        + " (default " + ",".join(workloads.DEFAULT) + ", and fp16 unless torch's fp16 GEMM is a slow CPU fallback)")
     p.add_argument("--providers", type=_csv_list, default=None,
                    help="comma list; loss: " + ",".join(lce.ALL_NAMES) + "; optimizers: " + ",".join(optim.PROVIDERS)
                    + " ('wrong' is a self-test canary that must come out WRONG). Default: all but 'wrong'")
@@ -106,6 +106,8 @@ def resolve(args, parser) -> None:
     sizes = args.sizes or []
     args.lce_sizes = [s for s in sizes if len(s) == 3]
     args.optim_sizes = [s for s in sizes if len(s) == 2]
+    if args.workloads is None:
+        args.workloads = workloads.default_workloads(args.device)
     bad = [w for w in args.workloads if w not in workloads.ALL]
     if bad:
         parser.error(f"unknown workload(s) {bad}; choose from {list(workloads.ALL)}")

@@ -1,7 +1,7 @@
 """Loss workloads that look like real training (issue 11), beside the dense fp32 sweeps of ``lce``.
 
-    python -m fastreg.bench --ops lce-real                      # sft, bf16, peaked (part of `make bench`)
-    python -m fastreg.bench --ops lce-real --workloads peaked   # one of them; fp16 is opt-in (see below)
+    python -m fastreg.bench --ops lce-real                      # sft, bf16, peaked (+ fp16, see below; part of `make bench`)
+    python -m fastreg.bench --ops lce-real --workloads peaked   # one of them
 
 - ``sft``: instruction tuning. N = 8 sequences x 512 tokens, the first half of every sequence
   (the prompt) ignored, fp32, D=1024, V=32000; every loss provider side by side, plus fastreg on
@@ -10,11 +10,12 @@
   floor in that dtype (exactly the fp32 floor's definition: three ``torch.mm`` into preallocated
   outputs of the input dtype; oneDNN accumulates each GEMM in fp32 internally and rounds its
   output once, no separate fp32 accumulation of dW), errors against fp64 side by side; ``bf16``
-  also measures fp32 at the same shape. ``fp16`` is not in the default set: torch 2.13's fp16
-  GEMM on a CPU without AVX512-FP16/AMX-FP16 runs at ~1-25 GFLOP/s (measured on this VM: one
-  256x32000 @ 32000x1024 product 37 s), so at 2048 rows eager and the floor would take ~10 min
-  per step; there fp16 runs at ``N_fp16_slow_gemm`` = 256 rows (fastreg computes such fp16 calls
-  in fp32, see ``fastreg.linear_cross_entropy``).
+  also measures fp32 at the same shape. ``fp16`` is in the default set except on an x86 CPU
+  without AVX512-FP16/AMX-FP16: torch 2.13's fp16 GEMM there runs at ~1-25 GFLOP/s (measured on
+  an AMD EPYC VM: one 256x32000 @ 32000x1024 product 37 s), so at 2048 rows eager and the floor
+  would take ~10 min per step; asked for there, fp16 runs at ``N_fp16_slow_gemm`` = 256 rows
+  (fastreg computes such fp16 calls in fp32, see ``fastreg.linear_cross_entropy``). With the
+  instructions (Sapphire Rapids) fp16 GEMMs run at ~1/3 of bf16's speed, ~fp32's.
 - ``peaked``: a "trained-LM-like" input, bf16, 2048x1024x32000: Zipf(1.1) targets (class id =
   frequency rank, as in a BPE vocabulary) and hidden states aligned with their target's weight
   row, ``h = alpha * W[t] / |W[t]| + noise`` with noise of logit-scale std ``PEAKED_NOISE``;
@@ -41,7 +42,7 @@ from . import lce
 from .lce import FLOOR, IGNORE_INDEX, LCEConfig
 
 ALL = ("sft", "bf16", "peaked", "fp16")
-DEFAULT = ("sft", "bf16", "peaked")
+DEFAULT = ("sft", "bf16", "peaked")  # + fp16 where its GEMMs are fast (default_workloads)
 
 PEAKED_ENTROPY = 2.0  # nats, the target mean softmax entropy
 PEAKED_NOISE = 1.0  # std of the noise part of the logits (hidden-state noise times |W_c| ~ 1)
@@ -70,6 +71,11 @@ class Shapes:
         if dtype == torch.float16 and device == "cpu" and slow_fp16_gemm():
             return min(self.N_dtype, self.N_fp16_slow_gemm)
         return self.N_dtype
+
+
+def default_workloads(device: str) -> list:
+    """The workloads of a plain run: fp16 too, unless torch's fp16 GEMM is a slow fallback here."""
+    return list(DEFAULT) + ([] if device == "cpu" and slow_fp16_gemm() else ["fp16"])
 
 
 def slow_fp16_gemm() -> bool:
