@@ -537,19 +537,11 @@ void finish_grads(const Problem& p, Grads& g) {
 
 // ---------------------------------------------------------------------------------- small path
 // Few classes, float/double on CPU: one pass over the rows (csrc/small/small_dense.h), where the
-// fixed cost of three GEMM calls and a row-pass dispatch would dominate. Routed by measurement of
-// the register-tiled kernel (one thread, fp32, process CPU time, interleaved with eager
-// F.cross_entropy(F.linear(...)) on this loaded 2-core VM; fastreg/eager, one-pass path forced):
-//   64x64x10 0.55, 1024x64x10 0.37, 4096x256x32 0.60, 512x2048x16 0.64, 16384x128x64 0.62,
-//   2048x512x64 0.66, 4096x1024x64 0.82, 8192x4096x16 0.87 -- the one pass wins while W (V x D)
-//   stays within L2 -- and 1024x8192x32 1.02, 4096x2048x64 1.12 beyond it, where the blocked GEMMs
-//   of the chunk path win. (The earlier per-row kernel lost from 1024x64x10 on: 1.03-1.14.)
-constexpr int64_t kSmallPathMaxWork = int64_t(1) << 21;
-constexpr int64_t kSmallPathMaxRowWork = int64_t(1) << 16;  // V x D multiply-adds per row
+// fixed cost of three GEMM calls and a row-pass dispatch would dominate (routing measured there,
+// small::prefer_one_pass).
 bool use_small_path(const Problem& p) {
   const auto dt = p.x.scalar_type();
-  return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && p.V <= small::kSmallMaxV &&
-         (p.N * p.D * p.V <= kSmallPathMaxWork || p.D * p.V <= kSmallPathMaxRowWork);
+  return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && small::prefer_one_pass(p.N, p.D, p.V);
 }
 
 // The small-path counterpart of run_chunks (same contract). Returns sum_i loss_i.

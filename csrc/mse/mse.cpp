@@ -96,13 +96,12 @@ struct Grads {
   Tensor input, weight, bias;
 };
 
-// The same routing as the cross-entropy's small path (csrc/lce/lce.cpp): measured the same way
-// against F.mse_loss(F.linear(...)) with the one pass forced: 64x64x10 0.62, 1024x64x10 0.62,
-// 4096x256x32 0.57, 512x2048x16 0.61, 16384x128x64 0.59, 2048x512x64 0.65, 4096x1024x64 0.83.
+// The same routing as the cross-entropy's small path (small::prefer_one_pass), measured the same
+// way against F.mse_loss(F.linear(...)) with the one pass forced (EPYC): 64x64x10 0.62, 1024x64x10
+// 0.62, 4096x256x32 0.57, 512x2048x16 0.61, 16384x128x64 0.59, 2048x512x64 0.65, 4096x1024x64 0.83.
 bool use_small_path(const MseProblem& p) {
   const auto dt = p.x.scalar_type();
-  return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && p.V <= small::kSmallMaxV &&
-         (p.N * p.D * p.V <= (int64_t(1) << 21) || p.D * p.V <= (int64_t(1) << 16));
+  return p.x.is_cpu() && (dt == at::kFloat || dt == at::kDouble) && small::prefer_one_pass(p.N, p.D, p.V);
 }
 
 // scale: upstream scale of every squared error; elem_scale: (N, V) per-element upstream gradient

@@ -39,6 +39,33 @@ namespace small {
 
 constexpr int64_t kSmallMaxV = 64;  // logits of a row live on the stack
 
+// Whether a float/double problem on CPU with V <= kSmallMaxV takes the one pass below rather than
+// the chunked GEMM path (both losses route alike). Measured against eager torch, fastreg/eager
+// with the one pass forced, one thread, fp32:
+// - AMD EPYC (MKL runs its generic kernels there): 64x64x10 0.55, 1024x64x10 0.37, 4096x256x32
+//   0.60, 512x2048x16 0.64, 16384x128x64 0.62, 2048x512x64 0.66, 4096x1024x64 0.82, 8192x4096x16
+//   0.87 -- the one pass wins while W (V x D) stays within L2 -- then 1024x8192x32 1.02,
+//   4096x2048x64 1.12, where the blocked GEMMs win;
+// - Intel Xeon with AVX-512/AMX (MKL's tuned GEMMs; 2 threads, torch 2.13, one pass / chunked):
+//   4096x64x10 0.36 / 0.79, 512x2048x16 0.98 / 1.02 (rerun 0.94 / 0.96), 2048x256x32 1.00 / 1.01
+//   (rerun 1.11 / 1.01), 4096x256x32 1.15 / 1.05, 2048x512x64 1.19 / 1.01, 16384x128x64
+//   1.11 / 0.96, 4096x1024x64 1.13 / 0.91, 8192x4096x16 0.98 / 0.46 -- a tie at 2^24 multiply-adds,
+//   the GEMMs win beyond, whatever the size of W.
+constexpr int64_t kOnePassMaxWork = int64_t(1) << 21;     // N x D x V: always the one pass
+constexpr int64_t kOnePassMaxRowWork = int64_t(1) << 16;  // D x V: the one pass up to L2 ...
+constexpr int64_t kOnePassMaxWorkFastBlas = int64_t(1) << 23;  // ... and this much work with MKL on Intel
+inline bool prefer_one_pass(int64_t N, int64_t D, int64_t V) {
+  if (V > kSmallMaxV) return false;
+  const int64_t work = N * D * V;
+  if (work <= kOnePassMaxWork) return true;
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool fast_blas = __builtin_cpu_is("intel");
+#else
+  constexpr bool fast_blas = false;
+#endif
+  return D * V <= kOnePassMaxRowWork && (!fast_blas || work <= kOnePassMaxWorkFastBlas);
+}
+
 // The linear layer and its gradients, common to both losses.
 template <typename T>
 struct SmallLinear {
