@@ -51,7 +51,7 @@ struct Problem {
   Tensor bias;    // (V,) or undefined
   Tensor cw;      // (V,) class weights in the accumulate dtype, or undefined
   Tensor probs;   // (N, V) class-probability targets (then target is empty), or undefined
-  Tensor active;  // (A,) int64 rows that go through the GEMMs, in that order (see active_rows, rows_by_target)
+  Tensor active;  // (A,) int64 indices of the non-ignored rows when only they go through the GEMMs
   int64_t N, D, V;
   at::ScalarType acc;
 };
@@ -417,21 +417,42 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
   if (gb_acc.defined()) gb_acc.index_add_(0, idx.squeeze(1), v.squeeze(1).to(gb_acc.scalar_type()));
 }
 
+// Under gradient filtering the rows go through the GEMMs grouped by target (stable, so equal
+// targets keep their order): rows with the same target share their large logit gradients, so a
+// tile of them keeps few vocabulary blocks -- measured on the peaked bf16 input (256-row tiles,
+// 256-class blocks): 43% of the tile x block products kept in input order, 15% grouped. The rows
+// are gathered chunk by chunk and grad_input scattered back, as for skipped ignored rows. From
+// `rows` (the active rows, or undefined = all); on the host on CPU, a device sort elsewhere.
+Tensor rows_by_target(const Problem& p, const Tensor& rows) {
+  if (p.probs.defined() || p.N == 0) return rows;
+  if (p.target.is_cpu()) {
+    const int64_t* t = p.target.const_data_ptr<int64_t>();
+    Tensor order = rows.defined() ? rows.clone() : at::arange(p.N, p.target.options());
+    int64_t* o = order.data_ptr<int64_t>();
+    std::stable_sort(o, o + order.size(0), [t](int64_t i, int64_t j) { return t[i] < t[j]; });
+    return order;
+  }
+  const Tensor t = rows.defined() ? p.target.index_select(0, rows) : p.target;
+  const Tensor order = std::get<1>(at::sort(t, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  return rows.defined() ? rows.index_select(0, order) : order;
+}
+
 // The chunk loop. row_scale: (1,) or (N,) upstream scale of each row's loss (used iff write_grad).
 // loss_rows (N,) in the accumulate dtype receives every row's loss. With p.active only those rows
 // go through the GEMMs (gathered chunk by chunk); the others get loss 0, gradient 0, lse 0 and
-// prediction -1.
+// prediction -1. A filtered backward takes them grouped by target (rows_by_target).
 void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Tensor& row_scale, bool write_grad,
                 std::array<bool, 3> mask, Tensor& loss_rows, Grads& g, Stats& st) {
   const bool want_gi = write_grad && mask[0], want_gw = write_grad && mask[1],
              want_gb = write_grad && mask[2] && p.bias.defined();
-  const bool compact = p.active.defined();
-  const int64_t M = compact ? p.active.size(0) : p.N;  // rows that go through the GEMMs
+  const bool filter = write_grad && a.grad_filter_eps > 0 && (want_gi || want_gw);
+  const Tensor active = filter ? rows_by_target(p, p.active) : p.active;
+  const bool compact = active.defined();
+  const int64_t M = compact ? active.size(0) : p.N;  // rows that go through the GEMMs
   const auto dt = p.x.scalar_type();
   const auto acc_opts = p.x.options().dtype(p.acc);
   const int64_t rows_per = chunk_rows(p, chunk_size);
   const bool one_chunk = M <= rows_per;
-  const bool filter = write_grad && a.grad_filter_eps > 0 && (want_gi || want_gw);
   // grad_W: straight into an fp32/fp64 grad_W; in reduced precision straight into a grad_W of the
   // input's dtype when one GEMM makes it (the GEMM accumulates in fp32 and rounds once, as eager);
   // else accumulated in fp32 (CUDA: through cuBLAS's fp32 output; CPU: a partial product per chunk).
@@ -473,7 +494,7 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
     ChunkRows cr;
     cr.rows = std::min(rows_per, M - c0);
     const int64_t rows = cr.rows;
-    if (compact) cr.index = p.active.narrow(0, c0, rows);
+    if (compact) cr.index = active.narrow(0, c0, rows);
     else cr.r0 = c0;
     Tensor xc = compact ? xbuf.narrow(0, 0, rows) : p.x.narrow(0, c0, rows);
     if (compact) at::index_select_out(xc, p.x, 0, cr.index);
@@ -638,26 +659,6 @@ Tensor active_rows(const Problem& p, int64_t ignore_index, int64_t skip_ignored)
   return index.size(0) == p.N ? Tensor() : index;
 }
 
-// Under gradient filtering the rows go through the GEMMs grouped by target (stable, so equal
-// targets keep their order): rows with the same target share their large logit gradients, so a
-// tile of them keeps few vocabulary blocks -- measured on the peaked bf16 input (256-row tiles,
-// 256-class blocks): 43% of the tile x block products kept in input order, 15% grouped. The rows
-// are gathered chunk by chunk and grad_input scattered back, as for skipped ignored rows. From
-// `rows` (the active rows, or undefined = all); on the host on CPU, a device sort elsewhere.
-Tensor rows_by_target(const Problem& p, const Tensor& rows) {
-  if (p.probs.defined() || p.N == 0) return rows;
-  if (p.target.is_cpu()) {
-    const int64_t* t = p.target.const_data_ptr<int64_t>();
-    Tensor order = rows.defined() ? rows.clone() : at::arange(p.N, p.target.options());
-    int64_t* o = order.data_ptr<int64_t>();
-    std::stable_sort(o, o + order.size(0), [t](int64_t i, int64_t j) { return t[i] < t[j]; });
-    return order;
-  }
-  const Tensor t = rows.defined() ? p.target.index_select(0, rows) : p.target;
-  const Tensor order = std::get<1>(at::sort(t, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  return rows.defined() ? rows.index_select(0, order) : order;
-}
-
 // grad_filter_eps is a bound on |d loss_i / d z_ic| of a row's own loss; the row pass compares the
 // gradient it writes (times the row's scale), so the bound is scaled by the smallest nonzero
 // |row scale| (conservative for per-row scales). On CUDA reading it is a host sync, as is the
@@ -779,7 +780,6 @@ Outputs lce_forward(const Tensor& input, const Tensor& weight, const Tensor& tar
     row_scale = at::ones({1}, acc_opts);
   }
   if (write_grad) a.grad_filter_eps = filter_threshold(grad_filter_eps, row_scale);
-  if (a.grad_filter_eps > 0) p.active = rows_by_target(p, p.active);
   Tensor loss_rows = at::empty({p.N}, acc_opts);
   Grads g;
   Stats st;
@@ -828,8 +828,7 @@ std::tuple<Tensor, Tensor, Tensor> lce_backward(const Tensor& grad_loss, const T
     p.active = active_rows(p, ignore_index, skip_ignored);
     RowArgs a{ignore_index, label_smoothing, softcap, z_loss};
     a.grad_filter_eps = filter_threshold(grad_filter_eps, row_scale);
-    if (a.grad_filter_eps > 0) p.active = rows_by_target(p, p.active);
-    Tensor loss_rows = at::empty({p.N}, p.x.options().dtype(p.acc));
+      Tensor loss_rows = at::empty({p.N}, p.x.options().dtype(p.acc));
     Stats st;
     run_chunks(p, a, chunk_size, row_scale, true, output_mask, loss_rows, g, st);
     finish_grads(p, g);
