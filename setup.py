@@ -5,6 +5,9 @@ Environment switches:
   FASTREG_FORCE_CUDA=1     compile them even if torch.version.cuda is None
   FASTREG_CUDA_ARCHS       ';'-separated compute capabilities, default "80;90" (+PTX of the last)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
+  FASTREG_NO_EXT=1         no extension at all: what scripts/bootstrap.sh sets for its editable
+                           install, which then only maps the package, because it builds the
+                           extension in place itself (once, not a second time in a temporary dir)
   FASTREG_OPENMP           "auto" (default): use OpenMP when the compiler has it (on macOS: libomp,
                            see openmp_flags); "0": build without it (the CPU kernels then run on one
                            thread); "1": require it
@@ -195,6 +198,6 @@ if __name__ == "__main__":
     setup(
         name="fastreg",
         packages=find_packages(include=["fastreg", "fastreg.*"]),
-        ext_modules=extensions(),
+        ext_modules=[] if os.environ.get("FASTREG_NO_EXT") == "1" else extensions(),
         cmdclass={"build_ext": BuildExtension},
     )

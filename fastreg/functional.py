@@ -10,6 +10,7 @@ adds their fake (meta) implementations for torch.compile and the public function
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -147,6 +148,34 @@ def _shifted(input: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return torch.cat([target[..., 1:], pad], dim=-1)
 
 
+def _dtensor_class():
+    """torch's DTensor class if its module is loaded (no DTensor can exist otherwise), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _vocab_parallel(input, linear_weight, target, options: dict, unsupported: list):
+    """A call with DTensor arguments. A linear_weight sharded over the vocabulary (``Shard(0)``, as
+    ``ColwiseParallel`` leaves an LM head) runs fastreg.distributed.linear_cross_entropy, which
+    takes it as it is; any other DTensor layout is refused by name (torch's own message about mixed
+    Tensor and DTensor arguments would not say what to call)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    vp = "fastreg.distributed.linear_cross_entropy"
+    placements = tuple(linear_weight.placements) if isinstance(linear_weight, DTensor) else ()
+    if not any(isinstance(pl, Shard) and pl.dim == 0 for pl in placements):
+        where = f"linear_weight placements {placements}" if placements else "linear_weight is a plain tensor"
+        raise ValueError(f"fastreg.linear_cross_entropy: got DTensor arguments but {where}; it runs on plain "
+                         f"tensors, and a linear_weight sharded over the vocabulary (a Shard(0) DTensor) goes to "
+                         f"{vp} (call it directly for plain-tensor shards with process_group=)")
+    if unsupported:
+        raise ValueError(f"fastreg.linear_cross_entropy: a Shard(0) DTensor linear_weight runs {vp}, which does "
+                         f"not take {', '.join(unsupported)}")
+    from .distributed import linear_cross_entropy as vocab_parallel_lce
+
+    return vocab_parallel_lce(input, linear_weight, target, **options)
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -216,6 +245,14 @@ def linear_cross_entropy(
     rounds the results to fp16 once. Large CPU buffers come from fastreg's huge-page block cache
     (:mod:`fastreg.memory`).
     """
+    dtensor = _dtensor_class()
+    if dtensor is not None and any(isinstance(t, dtensor) for t in (input, linear_weight, target, linear_bias, weight)):
+        unsupported = [name for name, given in (("return_stats", return_stats), ("skip_ignored=True", skip_ignored),
+                                                ("grad_filter_eps", grad_filter_eps is not None)) if given]
+        options = dict(linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
+                       label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, chunk_size=chunk_size,
+                       shift=shift)
+        return _vocab_parallel(input, linear_weight, target, options, unsupported)
     red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if red is None:
         raise ValueError(f"fastreg.linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")

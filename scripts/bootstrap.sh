@@ -25,7 +25,8 @@ if [ ! -f "$VENV/.deps-ok" ]; then
   fi
   # build + test + benchmark tools (torch is already there: never let pip replace it)
   "$VPY" -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm scikit-learn
-  "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+  # the editable install only maps the package (FASTREG_NO_EXT): the extension is built below, once
+  FASTREG_NO_EXT=1 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
   touch "$VENV/.deps-ok"
 fi
 # wheel building (`python -m build`, tests/test_wheel.py) and the Hugging Face integration's tests

@@ -694,3 +694,31 @@ def test_sgd_without_momentum_keeps_no_state():
         opt.step()
     assert ours.state_dict()["state"] == theirs.state_dict()["state"] == {}
     torch.testing.assert_close(p, q)
+
+
+@pytest.mark.skipif(not cuda_ready(), reason="needs CUDA")
+def test_cuda_graph_capture_float_betas_and_tensor_betas_refused():
+    """A step with float betas (and a tensor lr) is captured and replayed in a CUDA graph; tensor
+    betas, read on the host, are refused by name during capture instead of failing inside it."""
+    p = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+    p.grad = torch.randn_like(p)
+    opt = fo.Adam([p], lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    ref = fo.Adam([torch.nn.Parameter(p.detach().clone())], lr=0.01)
+    ref.param_groups[0]["params"][0].grad = p.grad.clone()
+    opt.step(), ref.step()  # the state exists before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(p.detach(), ref.param_groups[0]["params"][0].detach())
+    q = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+    q.grad = torch.randn_like(q)
+    betas = (torch.tensor(0.9, device="cuda"), torch.tensor(0.999, device="cuda"))
+    opt = fo.Adam([q], lr=torch.tensor(0.01, device="cuda"), betas=betas, capturable=True)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"betas\[0\] as a CUDA tensor .* CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()

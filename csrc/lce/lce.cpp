@@ -36,6 +36,7 @@
 #include "mem/cpu_buffers.h"
 #include "small/small_dense.h"
 #include "small/fused_linear_autograd.h"
+#include "fixed_order_sum.h"
 #include "small/small_parallel.h"
 
 namespace fastreg {
@@ -149,6 +150,10 @@ Problem prepare(const char* fn, const Tensor& input_any, const Tensor& weight, c
   p.x = blas_friendly(input) ? input : input.contiguous();
   p.w = blas_friendly(weight) ? weight : weight.contiguous();
   if (probs) {
+    // torch's F.cross_entropy / F.linear_cross_entropy refuse it too: no row of a probability
+    // target can be ignored, so a non-default ignore_index is a mistake, not a no-op.
+    TORCH_CHECK(ignore_index == -100, fn, ": ignore_index cannot be specified when target contains probabilities "
+                "(got ignore_index=", ignore_index, ")");
     p.probs = target.contiguous();
     p.target = at::empty({0}, target.options().dtype(at::kLong));
     return p;  // every row is active: no index to check
@@ -765,7 +770,7 @@ Outputs lce_forward(const Tensor& input, const Tensor& weight, const Tensor& tar
     } else {
       const Tensor active = p.target != ignore_index;
       // where, not a product: an ignored row must not read (clamped) weight[0], which may be NaN
-      denom = p.cw.defined() ? at::where(active, p.cw.index_select(0, p.target.clamp(0, p.V - 1)), 0).sum()
+      denom = p.cw.defined() ? fixed_order_sum(at::where(active, p.cw.index_select(0, p.target.clamp(0, p.V - 1)), 0))
                              : active.sum().to(p.acc);
       if (p.cw.defined() && z_loss != 0) {
         if (!p.x.is_cpu()) {
@@ -788,10 +793,10 @@ Outputs lce_forward(const Tensor& input, const Tensor& weight, const Tensor& tar
 
   Tensor loss;
   if (reduction == kNone) loss = loss_rows.view(lead);
-  else if (reduction == kSum) loss = loss_rows.sum();
+  else if (reduction == kSum) loss = fixed_order_sum(loss_rows);
   // A zero denominator (every row ignored, or zero class weight on every kept row) gives nan like
   // torch's mean, also when z-loss or label smoothing made the numerator nonzero (x / 0 = inf).
-  else loss = (loss_rows.sum() / denom).masked_fill(denom == 0, std::numeric_limits<double>::quiet_NaN());
+  else loss = (fixed_order_sum(loss_rows) / denom).masked_fill(denom == 0, std::numeric_limits<double>::quiet_NaN());
   loss = loss.to(input.scalar_type());
   return {loss, g.input.defined() ? grad_input_shaped(g.input) : empty_like_none(input),
           g.weight.defined() ? g.weight : empty_like_none(weight),

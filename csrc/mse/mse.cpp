@@ -23,6 +23,7 @@
 #include <optional>
 #include <tuple>
 
+#include "fixed_order_sum.h"
 #include "mem/cpu_buffers.h"
 #include "small/small_dense.h"
 #include "small/fused_linear_autograd.h"
@@ -170,7 +171,7 @@ Tensor run_chunks(const MseProblem& p, double scale, const Tensor& elem_scale, b
     else at::mm_out(r, xc, wt);
     r.sub_(p.y.narrow(0, r0, rows));
     const Tensor r_acc = low ? r.to(p.acc) : r;
-    total.add_(r_acc.square().sum());
+    total.add_(fixed_order_sum(r_acc.square()));
     if (loss_elems.defined()) loss_elems.narrow(0, r0, rows).copy_(r_acc.square());
     if (!write_grad) continue;
     if (elem_scale.defined()) r.mul_(elem_scale.narrow(0, r0, rows)).mul_(2.0);

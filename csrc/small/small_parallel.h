@@ -13,21 +13,27 @@ namespace small {
 
 // Below this many multiply-adds a batch runs on the calling thread: a parallel region costs more.
 constexpr int64_t kSmallParallelWork = int64_t(1) << 19;
+// The rows are split into blocks by the work alone, never by the thread count, so the sums come
+// out the same on any number of threads; a few more blocks than threads cost one more partial
+// grad_W each (V x D, small here). Capped so that the partials stay within kSmallScratchBytes.
+constexpr int64_t kSmallMaxBlocks = 16;
+constexpr int64_t kSmallScratchBytes = int64_t(16) << 20;
 // grad_W / grad_b are summed over at most this many rows in one running sum, then added to the
 // block's total: a serial float sum over N rows loses ~N ulps, two levels ~(512 + N / 512)
 // (measured at 20000 x 40 x 8 fp32: grad_W error 4e-4 in one sum, eager's GEMM 4e-5).
 constexpr int64_t kSmallSumRows = 512;
 
 // Runs `pass(args, row_begin, row_end)` over the rows, in parallel blocks when the work pays for
-// it, each block accumulating its own grad_W / grad_b that are summed at the end; within a block,
+// it (their number set by the work, not the threads), each block accumulating its own grad_W / grad_b that are summed at the end; within a block,
 // rows go in runs of kSmallSumRows with their own partial sums. Returns the sum of the passes'
 // results.
 template <typename T, typename Args, typename Pass>
 double small_rows_parallel(Args a, Pass pass) {
   const int64_t work = a.n * a.D * a.V;
-  int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(work / kSmallParallelWork, 1));
-  if (at::in_parallel_region()) blocks = 1;
   const bool partial = a.grad_w || a.grad_b;
+  const int64_t by_memory = partial ? kSmallScratchBytes / (2 * int64_t(sizeof(T)) * (a.V * a.D + a.V)) : kSmallMaxBlocks;
+  int64_t blocks = std::clamp<int64_t>(std::min(work / kSmallParallelWork, by_memory), 1, kSmallMaxBlocks);
+  if (at::in_parallel_region()) blocks = 1;
   const bool runs = partial && a.n > kSmallSumRows;
   if (blocks <= 1 && !runs) return pass(a, 0, a.n);
   const int64_t stride = a.V * a.D + a.V;

@@ -28,7 +28,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from .. import _C_loader  # noqa: F401  (registers torch.ops.fastreg)
-from ..functional import _REDUCTIONS
+from ..functional import _REDUCTIONS, _shifted
 
 __all__ = ["linear_cross_entropy"]
 
@@ -361,14 +361,20 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
+    shift: bool = False,
     process_group: Optional["dist.ProcessGroup"] = None,
     vocab_start: Optional[int] = None,
     num_classes: Optional[int] = None,
 ) -> Tensor:
     r"""Vocab-parallel ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
 
-    The same semantics and options as :func:`fastreg.linear_cross_entropy` (targets are global
-    class ids), with the classes split over a process group:
+    The semantics of :func:`fastreg.linear_cross_entropy` (targets are global class ids), with
+    the classes split over a process group. Of its options this op takes ``linear_bias``, class
+    ``weight``, ``reduction``, ``ignore_index``, ``label_smoothing``, ``softcap``, ``z_loss``,
+    ``chunk_size`` and ``shift``; it does not take class-probability targets, ``return_stats``,
+    ``grad_filter_eps`` or ``skip_ignored`` (every row goes through the local GEMMs), and for
+    ``'mean'``/``'sum'`` a second backward through the same graph (``retain_graph=True``) raises.
+    ``z_loss`` with class weights under ``'mean'`` runs on CPU only. The layouts:
 
     * **DTensor**: ``linear_weight`` (and ``linear_bias``, class ``weight``) sharded ``Shard(0)``
       (as ``ColwiseParallel`` leaves an LM head; uneven splits are fine); ``input`` and ``target``
@@ -416,6 +422,8 @@ def linear_cross_entropy(
         raise ValueError(f"{_FN}: chunk_size must be a positive number of rows or None, got {chunk_size}")
     if ignore_index is None:
         ignore_index = -100
+    if shift:
+        tgt = _shifted(x, tgt, int(ignore_index))
     if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
         raise RuntimeError(f"{_FN} is not differentiable with respect to argument 'weight' (the class weights), "
                            "like F.cross_entropy: pass weight.detach()")

@@ -58,9 +58,16 @@ def _any_dtensor(ts) -> bool:
     return DTensor is not None and any(isinstance(t, DTensor) for t in ts)
 
 
-def hyper_float(x: Any) -> float:
-    """A hyper-parameter as a Python float (a tensor one is read on the host)."""
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+def hyper_float(x: Any, name: str = "a hyper-parameter") -> float:
+    """A hyper-parameter as a Python float. A tensor one is read on the host: one device sync per
+    step for a GPU tensor, which a CUDA graph cannot capture, so that case is refused by name
+    (only ``lr`` is read on the device)."""
+    if not isinstance(x, Tensor):
+        return float(x)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{name} as a CUDA tensor is read on the host at every step, which cannot be captured "
+                           f"in a CUDA graph: pass it as a float (a tensor lr is fine, it is read on the device)")
+    return float(x.item())
 
 
 def check_tensor_lr(lr: Any) -> None:

@@ -31,8 +31,9 @@ class Adam(FusedOptimizer):
     kernel call per (device, dtype) whatever ``foreach`` and ``fused`` say (both are validated
     as torch validates them: not both True; with ``foreach=True`` and ``capturable=False``
     tensor ``lr``/``betas`` raise torch's ValueError). ``capturable`` needs nothing: on GPUs the
-    step always is capturable (no host sync, steps counted on the device). Tensor betas are
-    read on the host each step. ``differentiable=True`` and sparse gradients are refused
+    step is capturable (no host sync, steps counted on the device) with float hyper-parameters and
+    a float or tensor ``lr``. Tensor betas are read on the host each step (a sync per GPU step;
+    refused with a RuntimeError while a CUDA graph is being captured). ``differentiable=True`` and sparse gradients are refused
     (RuntimeError), as torch's fused Adam refuses them.
 
     bf16 training (see fastreg.optim._bf16): ``stochastic_rounding=True`` (bfloat16 params)
@@ -162,10 +163,10 @@ class Adam(FusedOptimizer):
             lists["step"],
             lr,
             lr_tensor,
-            hyper_float(beta1),
-            hyper_float(beta2),
-            hyper_float(group["weight_decay"]),
-            hyper_float(group["eps"]),
+            hyper_float(beta1, "betas[0]"),
+            hyper_float(beta2, "betas[1]"),
+            hyper_float(group["weight_decay"], "weight_decay"),
+            hyper_float(group["eps"], "eps"),
             bool(group["amsgrad"]),
             bool(group["maximize"]),
             bool(group["decoupled_weight_decay"]),

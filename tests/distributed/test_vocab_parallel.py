@@ -300,3 +300,56 @@ def test_device_generic_passes_match_single_process():
             "    run_distributed(_compare, 2, torch.float32, True, 1e-5)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _routed_and_shifted(rank, world):
+    """fastreg.linear_cross_entropy given a Shard(0) DTensor weight runs the vocab-parallel op (what a
+    ColwiseParallel LM head leaves behind); shift=True works there as in the single-process op; the
+    options the vocab-parallel op does not take, and other DTensor layouts, are refused by name."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fastreg
+    from fastreg.distributed import linear_cross_entropy as vp_lce
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    B, T, D, V = 3, 7, 8, 23
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    w = torch.randn(V, D, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 2] = -100
+    for kw in (dict(shift=True), dict(shift=True, reduction="none", label_smoothing=0.1), dict(z_loss=1e-3)):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = fastreg.linear_cross_entropy(xr, wr, labels, **kw)
+        ref.sum().backward()
+        xs = x.clone().requires_grad_()
+        ws = distribute_tensor(w.clone(), mesh, [Shard(0)]).requires_grad_()
+        out = fastreg.linear_cross_entropy(xs, ws, labels, **kw)
+        assert type(out).__name__ == "DTensor", "the Shard(0) weight did not take the vocab-parallel path"
+        out.to_local().sum().backward() if kw.get("reduction") == "none" else out.backward()
+        assert torch.allclose(out.to_local(), ref, rtol=1e-12, atol=1e-14), kw
+        assert torch.allclose(xs.grad, xr.grad, rtol=1e-12, atol=1e-14), kw
+        assert torch.allclose(ws.grad.full_tensor(), wr.grad, rtol=1e-12, atol=1e-14), kw
+    # plain shards: shift on the vocab-parallel entry point itself
+    per = -(-V // world)
+    sl = slice(rank * per, min(V, (rank + 1) * per))
+    ws = w[sl].clone().requires_grad_()
+    out = vp_lce(x, ws, labels, shift=True, process_group=dist.group.WORLD)
+    ref = fastreg.linear_cross_entropy(x, w, labels, shift=True)
+    assert torch.allclose(out, ref, rtol=1e-12, atol=0)
+    ws = distribute_tensor(w.clone(), mesh, [Shard(0)])
+    for bad in (dict(return_stats=True), dict(grad_filter_eps="auto"), dict(skip_ignored=True)):
+        _expect_error(ValueError, r"fastreg\.distributed\.linear_cross_entropy, which does not take",
+                      lambda: fastreg.linear_cross_entropy(x, ws, labels, **bad))
+    wrep = distribute_tensor(w.clone(), mesh, [Replicate()])
+    _expect_error(ValueError, r"Replicate.*fastreg\.distributed\.linear_cross_entropy",
+                  lambda: fastreg.linear_cross_entropy(x, wrep, labels))
+    xrep = distribute_tensor(x.clone(), mesh, [Replicate()])
+    _expect_error(ValueError, r"plain tensor.*fastreg\.distributed\.linear_cross_entropy",
+                  lambda: fastreg.linear_cross_entropy(xrep, w, labels))
+
+
+def test_dtensor_weight_routed_shift_and_refusals():
+    run_distributed(_routed_and_shifted, 2)
