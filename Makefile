@@ -19,12 +19,13 @@ fuzz: build
 
 # The documentation site (docs/, mkdocs.yml) into build/site: installs MkDocs, Material and
 # mkdocstrings into the venv when missing; --strict fails on any broken link or anchor, a page left
-# out of the nav or an API reference that does not resolve. Needs no build of the extension.
+# out of the nav or an API reference that does not resolve (not with --quiet: it hides the warnings
+# from --strict too). Needs no build of the extension.
 docs:
 	@test -x $(VPY) || ./scripts/bootstrap.sh
 	@$(VPY) -c 'import mkdocs, material, mkdocstrings_handlers.python' 2>/dev/null || \
 	  $(VPY) -m pip install -q "mkdocs>=1.6,<2" "mkdocs-material>=9.5" "mkdocstrings[python]>=0.26"
-	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict
 
 bench: build
 	$(VPY) -m fastreg.bench $(BENCH_ARGS)
