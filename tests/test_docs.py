@@ -12,6 +12,26 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+COMMIT = re.compile(r"\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b")
+ISSUE = re.compile(r"\bissues? #?\d+", re.I)
+LOAD = re.compile(r"\bload(?: average)? (?:of )?~?\d", re.I)
+
+
+def _pages():
+    yield "README.md"
+    for name in sorted(os.listdir(os.path.join(ROOT, "docs"))):
+        if name.endswith(".md"):
+            yield os.path.join("docs", name)
+
+
+def test_no_commit_hashes_issue_numbers_or_load_averages_in_the_docs():
+    """Dated measurements live with the benchmark results, not in the prose."""
+    found = []
+    for page in _pages():
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for pattern in (COMMIT, ISSUE, LOAD):
+            found += [f"{page}: {m.group(0)!r}" for m in pattern.finditer(text)]
+    assert not found, found
 
 
 def test_readme_links_name_existing_files():
