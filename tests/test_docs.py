@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 COMMIT = re.compile(r"\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b")
-ISSUE = re.compile(r"\bissues? #?\d+", re.I)
+ISSUE = re.compile(r"\bissues? #?\d+(?![\d-])", re.I)
 LOAD = re.compile(r"\bload(?: average)? (?:of )?~?\d", re.I)
 
 
