@@ -367,8 +367,10 @@ def linear_cross_entropy(
 ) -> Tensor:
     r"""Vocab-parallel ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
 
-    The same semantics and options as :func:`fastreg.linear_cross_entropy` (targets are global
-    class ids), with the classes split over a process group:
+    The semantics of :func:`fastreg.linear_cross_entropy` (targets are global class indices), with
+    the classes split over a process group. Not taken: class-probability targets,
+    ``return_stats``, ``grad_filter_eps``, ``skip_ignored``; for ``'mean'``/``'sum'`` a second
+    backward through the same graph (``retain_graph=True``) raises. Layouts:
 
     * **DTensor**: ``linear_weight`` (and ``linear_bias``, class ``weight``) sharded ``Shard(0)``
       (as ``ColwiseParallel`` leaves an LM head; uneven splits are fine); ``input`` and ``target``
