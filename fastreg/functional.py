@@ -241,7 +241,7 @@ def linear_cross_entropy(
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``; the loss has ``input``'s dtype.
     bf16/fp16 GEMMs accumulate in fp32. fp16 on an x86 CPU without AVX512-FP16/AMX-FP16 (where
-    torch's fp16 GEMM is a ~1 GFLOP/s fallback) runs the whole call in fp32 on upcast copies and
+    torch's fp16 GEMM is a slow scalar fallback) runs the whole call in fp32 on upcast copies and
     rounds the results to fp16 once. Large CPU buffers come from fastreg's huge-page block cache
     (:mod:`fastreg.memory`).
     """

@@ -24,7 +24,7 @@ if [ ! -f "$VENV/.deps-ok" ]; then
     "$VPY" -m pip install -q torch==2.13.0
   fi
   # build + test + benchmark tools (torch is already there: never let pip replace it)
-  "$VPY" -m pip install -q "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm scikit-learn
+  "$VPY" -m pip install -q "setuptools>=77" wheel ninja pytest hypothesis numpy matplotlib tqdm scikit-learn
   # the editable install only maps the package (FASTREG_NO_EXT): the extension is built below, once
   FASTREG_NO_EXT=1 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
   touch "$VENV/.deps-ok"

@@ -30,10 +30,10 @@ class Adam(FusedOptimizer):
     torch.optim's implementation switches, and what they mean here: every step is one fused
     kernel call per (device, dtype) whatever ``foreach`` and ``fused`` say (both are validated
     as torch validates them: not both True; with ``foreach=True`` and ``capturable=False``
-    tensor ``lr``/``betas`` raise torch's ValueError). ``capturable`` needs nothing: on GPUs the
-    step is capturable (no host sync, steps counted on the device) with float hyper-parameters and
-    a float or tensor ``lr``. Tensor betas are read on the host each step (a sync per GPU step;
-    refused with a RuntimeError while a CUDA graph is being captured). ``differentiable=True`` and sparse gradients are refused
+    tensor ``lr``/``betas`` raise torch's ValueError). ``capturable`` needs nothing: on GPUs a
+    step with float hyper-parameters (or a tensor ``lr``) makes no host sync and counts steps on
+    the device, so it can be captured in a CUDA graph. Tensor betas are read on the host each
+    step: one sync per step on GPUs, refused during CUDA graph capture. ``differentiable=True`` and sparse gradients are refused
     (RuntimeError), as torch's fused Adam refuses them.
 
     bf16 training (see fastreg.optim._bf16): ``stochastic_rounding=True`` (bfloat16 params)
