@@ -209,11 +209,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def rounding_floor(dtype: torch.dtype, n_terms: int) -> float:
     """The relative error a correct result in ``dtype`` may have whatever torch's own happens to
     be: u/2 for rounding the result to the dtype (u: unit roundoff; the largest relative error of
-    round-to-nearest is u, its mean about u/2), plus u_acc * log2(n) for sums of up to ``n_terms``
-    terms accumulated in ``accumulation_dtype`` (the error bound of pairwise summation, the order of
-    the blocked sums of GEMMs and torch's cascade reductions)."""
+    round-to-nearest is u, its mean about u/2), plus u_acc * sqrt(n) for sums of up to ``n_terms``
+    terms accumulated in ``accumulation_dtype``: the probabilistic error bound of a sum in any
+    order (rounding errors independent and of mean zero add up like a random walk; Higham & Mary,
+    SIAM J. Sci. Comput. 2019), which pairwise and blocked sums stay well under."""
     u_acc = UNIT_ROUNDOFF[accumulation_dtype(dtype)]
-    return UNIT_ROUNDOFF[dtype] / 2 + u_acc * math.log2(max(2, n_terms))
+    return UNIT_ROUNDOFF[dtype] / 2 + u_acc * math.sqrt(max(1, n_terms))
 
 
 def error_gate(torch_error: float, floor: float) -> float:

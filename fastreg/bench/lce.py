@@ -384,15 +384,17 @@ def add_ratios(rows: list) -> None:
     floor_ms = by.get(FLOOR, {}).get("median_ms")
     eager = by.get("eager", {})
     for r in rows:
+        if r["provider"] == FLOOR:
+            continue
+        if eager.get("peak_extra_bytes") and r.get("peak_extra_bytes") is not None:
+            r["mem_vs_eager"] = r["peak_extra_bytes"] / eager["peak_extra_bytes"]
         ms = r.get("median_ms")
-        if ms is None or r["provider"] == FLOOR:
+        if ms is None:
             continue
         if floor_ms:
             r["x_floor"] = ms / floor_ms
         if eager.get("median_ms"):
             r["speedup_vs_eager"] = eager["median_ms"] / ms
-        if eager.get("peak_extra_bytes") and r.get("peak_extra_bytes") is not None:
-            r["mem_vs_eager"] = r["peak_extra_bytes"] / eager["peak_extra_bytes"]
 
 
 # ----------------------------------------------------------------------------------------------

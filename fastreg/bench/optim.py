@@ -163,9 +163,9 @@ def reference_updates(cfg: OptimConfig, device: str) -> list:
     store = torch.float64 if cfg.dtype == torch.float64 else torch.float32
     updates = []
     for group in _groups(make_params(cfg, device), 1 << 26):
-        ref = [p.detach().double() for p in group]
+        ref = [p.detach().to(torch.float64, copy=True) for p in group]  # a copy for float64 params too
         for r, p in zip(ref, group):
-            r.grad = p.grad.double()
+            r.grad = p.grad.to(torch.float64, copy=True)
         opt = spec.torch_cls(ref, **spec.hyper, foreach=False)
         for _ in range(CHECK_STEPS):
             opt.step()
