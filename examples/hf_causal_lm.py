@@ -7,8 +7,9 @@ A tiny randomly initialised Llama (2 layers, hidden 128; 64 with --fast) with a 
 vocabulary (32,000) learns a short built-in text, byte by byte, for a few steps twice: unpatched
 and patched, from the same initial weights on the same batches. The script prints both loss
 curves (they agree), the median time of a training step (the two runs interleaved step by step)
-and the peak extra memory of one (each measured in a fresh process on the CPU: peak RSS; on a GPU:
-the CUDA allocator's peak). With a real vocabulary the logits (tokens x 32,000 floats, plus their
+and the peak extra memory of one (each measured in a fresh process on the CPU: peak RSS above the
+RSS after a warm-up step, read with fastreg's cache of freed CPU buffers emptied; on a GPU: the
+CUDA allocator's peak; docs/benchmarks-method.md). With a real vocabulary the logits (tokens x 32,000 floats, plus their
 softmax and gradient) dominate that memory; patched, they are never stored whole.
 
     python examples/hf_causal_lm.py            # 8 sequences x 256 bytes, 20 steps

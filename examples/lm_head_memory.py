@@ -15,7 +15,8 @@ the logits whole.
 This script builds a tiny model (embedding -> one MLP block -> head tied to the embedding),
 checks that both losses and all gradients agree, then measures the peak extra memory of one
 forward + backward pass of each, every measurement in a fresh process (on a GPU: the CUDA
-allocator's peak).
+allocator's peak), after a warm-up step and with fastreg's cache of freed CPU buffers emptied
+before the baseline is read, so buffers kept from the warm-up count (docs/benchmarks-method.md).
 
     python examples/lm_head_memory.py           # 8 sequences x 128 tokens
     python examples/lm_head_memory.py --fast    # 2 x 64 tokens (used by the tests)

@@ -64,6 +64,12 @@ def test_lm_head_memory():
     assert grad < 1e-4
     eager, fused = map(float, re.search(r"eager ([\d.]+) MiB, fastreg ([\d.]+) MiB", out).groups())
     logits = float(re.search(r"the logits alone take ([\d.]+) MiB", out).group(1))
-    # the eager step holds at least the logits; fastreg saves at least one logits-sized buffer
+    # the eager step holds at least the logits; fastreg saves most of one logits-sized buffer (at
+    # 128 tokens its one chunk of logits is all of them; measured: 0.9 of the logits' size)
     assert eager > logits
-    assert eager - fused > 0.9 * logits, out
+    assert eager - fused > 0.75 * logits, out
+    # the tied embedding's two gradients, the head's (from fastreg's op) and the embedding's, are
+    # alive together before autograd sums them: a measurement that lets fastreg's cache of freed
+    # buffers keep the head's out of sight reads about half this
+    embedding_grad = 50_257 * 256 * 4 / 2**20
+    assert fused >= 2 * embedding_grad, out

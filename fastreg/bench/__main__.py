@@ -2,6 +2,7 @@
 
     python -m fastreg.bench                      # loss + optimizer sweeps sized for the device
     python -m fastreg.bench --ops lce --sizes 4096x1024x32000 --providers fastreg,eager,floor
+    python -m fastreg.bench --ops lce --memory-only   # correctness + peak memory of the loss sweeps, no timing
     python -m fastreg.bench --ops optim --optimizers adam --sizes 100x400000 5000x1000
     python -m fastreg.bench --ops fit            # whole fits of the small models vs torch and sklearn
     python -m fastreg.bench --ops small          # small models: fused loss and training-step latency
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=C.DEFAULT_OUT, help="results directory (default benchmarks/results)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    p.add_argument("--memory-only", action="store_true",
+                   help="loss only: check correctness and measure peak memory, no timing (memory figures do not "
+                        "depend on the machine's load, timings do)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     p.add_argument("--bars", action="store_true", help="run the fixed pass/fail configurations of the issues")
     p.add_argument("--strict", action="store_true", help="with --bars: exit 1 if any bar FAILs")
@@ -86,6 +90,11 @@ def resolve(args, parser) -> None:
     """Fill in device-dependent defaults and split --providers / --sizes between the two ops."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
+    if args.memory_only:
+        if args.bars or not args.memory or args.ops not in ("lce", "all"):
+            parser.error("--memory-only measures the loss's memory: not with --bars, --no-memory or an --ops "
+                         "other than lce")
+        args.ops = "lce"
     if args.warmup is None:
         args.warmup = 1 if (args.quick or args.device == "cpu") else 3
     if args.repeats is None:

@@ -16,8 +16,10 @@ forward + backward (loss, dX, this rank's dW). Providers:
   gather_logits  local logits, all-gathered to N x V, eager cross-entropy, this rank's slice back
 
 Reported per rank: median time of a step, peak extra memory of a step (CPU: process RSS
-high-water mark above the level before the step, glibc mmapping every block >= 64 KiB as in the
-other fastreg benchmarks; CUDA: max_memory_allocated above it), and bytes
+high-water mark above the level before the step, read with fastreg's cache of freed CPU buffers
+emptied and glibc mmapping every block >= 64 KiB as in the other fastreg benchmarks, so buffers
+kept from an earlier step are neither in that level nor reused unseen; CUDA: max_memory_allocated
+above it), and bytes
 communicated per step, counted from the collectives the step issues (a dispatch mode sees every
 c10d / functional collective) with the ring-algorithm volume each rank sends: all-reduce of M
 bytes 2 (w-1)/w M, all-gather to M bytes (w-1)/w M, reduce-scatter of M bytes (w-1)/w M. The
@@ -27,7 +29,6 @@ Correctness is checked before timing against the single-process op on the full w
 """
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import time
@@ -161,21 +162,10 @@ def _make_providers(x, w_full, target, mesh, rank, world):
             "gather_logits": gather_logits}, (start, v_r)
 
 
-def _rss_peak_extra(step) -> int:
-    gc.collect()
-    base = C._proc_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    out = step()
-    peak = C._proc_status_kib("VmHWM")
-    del out
-    return max(0, peak - base) * 1024
-
-
 def _peak_extra(step, device: str) -> int:
     if device == "cuda":
         return C.cuda_peak_extra_bytes(step, lambda: None)
-    return _rss_peak_extra(step)
+    return C.rss_peak_extra_of(step)["peak_extra_bytes"]
 
 
 def _mmap_large_blocks() -> None:

@@ -243,8 +243,9 @@ def floor_step(cfg: LCEConfig, device: str) -> Callable[[], None]:
 # ----------------------------------------------------------------------------------------------
 # one size
 # ----------------------------------------------------------------------------------------------
-def check(fn: LossFn, inp: Inputs, ref: dict, cfg: LCEConfig) -> dict:
-    """Run once and compare loss and gradients with the float64 reference."""
+def _errors(fn: LossFn, inp: Inputs, ref: dict) -> tuple:
+    """One forward + backward of ``fn`` -> ({err_loss, err_dx, err_dw[, err_db]} against the float64
+    reference, seconds taken, warnings raised)."""
     inp.zero_grad()
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -252,33 +253,70 @@ def check(fn: LossFn, inp: Inputs, ref: dict, cfg: LCEConfig) -> dict:
         loss = fn(inp.x, inp.W, inp.t, inp.b)
         loss.backward()
     C.synchronize(inp.x.device.type)
-    first = time.perf_counter() - t0
-    tol = C.TOLERANCE[cfg.dtype]
+    seconds = time.perf_counter() - t0
     errs = {"err_loss": C.rel_err(loss.detach(), ref["loss"]),
             "err_dx": C.rel_err(inp.x.grad, ref["dx"]) if inp.x.grad is not None else math.inf,
             "err_dw": C.rel_err(inp.W.grad, ref["dw"]) if inp.W.grad is not None else math.inf}
     if inp.b is not None:
         errs["err_db"] = C.rel_err(inp.b.grad, ref["db"]) if inp.b.grad is not None else math.inf
-    bad = [f"{k[4:]} err {v:.2g} > {tol:g}" for k, v in errs.items() if not v <= tol]
-    notes = [str(w.message).splitlines()[0][:80] for w in caught if "fall" in str(w.message).lower()]
     inp.zero_grad()
-    return {**errs, "tol": tol, "first_call_s": first,
+    return errs, seconds, caught
+
+
+def gates(inp: Inputs, ref: dict, cfg: LCEConfig) -> dict:
+    """{err key: the largest error a correct provider may have}: GATE_FACTOR x eager's own error in
+    ``cfg.dtype`` on these inputs (run here, once), at least the dtype's rounding floor for sums
+    as long as the longest of the problem (max(N, D, V) terms)."""
+    errs, _, _ = _errors(_eager_fn(cfg.reduction), inp, ref)
+    floor = C.rounding_floor(cfg.dtype, max(cfg.N, cfg.D, cfg.V))
+    return {k: C.error_gate(e, floor) for k, e in errs.items()}
+
+
+def gradient_bytes(cfg: LCEConfig) -> int:
+    """Bytes of the gradients a step returns (dX, dW[, db]): the least peak extra memory of any
+    provider, whatever it does with the logits."""
+    size = torch.empty((), dtype=cfg.dtype).element_size()
+    return (cfg.N * cfg.D + cfg.V * cfg.D + (cfg.V if cfg.bias else 0)) * size
+
+
+TOL_COLUMNS = {"err_loss": "tol_loss", "err_dx": "tol_dx", "err_dw": "tol_dw", "err_db": "tol_db"}
+
+
+def check(fn: LossFn, inp: Inputs, ref: dict, cfg: LCEConfig, gate: Optional[dict] = None) -> dict:
+    """Run once and compare loss and gradients with the float64 reference, each against its gate
+    (``gates()``; computed here when not given)."""
+    if gate is None:
+        gate = gates(inp, ref, cfg)
+    errs, first, caught = _errors(fn, inp, ref)
+    bad = [f"{k[4:]} err {v:.2g} > {gate[k]:.2g}" for k, v in errs.items() if not v <= gate[k]]
+    notes = [str(w.message).splitlines()[0][:80] for w in caught if "fall" in str(w.message).lower()]
+    return {**errs, **{TOL_COLUMNS[k]: gate[k] for k in errs}, "first_call_s": first,
             "status": C.WRONG if bad else C.OK, "note": "; ".join(bad + notes)}
 
 
 def bench_size(cfg: LCEConfig, device: str, names: list, warmup: int, repeats: int, memory: bool,
-               tick: Callable[[], None] = lambda: None, max_time: Optional[float] = None) -> list:
-    """All providers at one size -> result rows (dicts; the caller adds provenance)."""
+               tick: Callable[[], None] = lambda: None, max_time: Optional[float] = None,
+               timed: bool = True) -> list:
+    """All providers at one size -> result rows (dicts; the caller adds provenance). ``timed=False``:
+    check and measure memory only (memory figures do not depend on the machine's load)."""
     base = {**cfg.spec(), "device": device, "flops": cfg.flops}
     rows = []
     inp = make_inputs(cfg, device)
-    ref = reference(inp, cfg, device) if any(n != FLOOR for n in names) else None
+    ref = gate = gate_error = None
+    if any(n != FLOOR for n in names):
+        ref = reference(inp, cfg, device)
+        try:
+            gate = gates(inp, ref, cfg)
+        except Exception as e:  # eager itself failed here: nothing can be checked
+            gate_error = "correctness gate: " + C.describe_exception(e)
     for name in names:
         row = {**base, "provider": name}
         rows.append(row)
         try:
             if name == FLOOR:
                 row["status"] = C.REFERENCE
+                if not timed:
+                    continue
                 step = floor_step(cfg, device)
                 _timed(row, step, device, warmup, repeats, cfg, max_time)
                 del step
@@ -288,12 +326,16 @@ def bench_size(cfg: LCEConfig, device: str, names: list, warmup: int, repeats: i
             if reason:
                 row.update(status=C.UNAVAILABLE, note=reason)
                 continue
+            if gate_error:
+                row.update(status=C.ERROR, note=gate_error)
+                continue
             fn = prov.build(cfg, device)
-            row.update(check(fn, inp, ref, cfg))
+            row.update(check(fn, inp, ref, cfg, gate))
             if row["status"] != C.OK:
                 continue  # a provider that disagrees with the reference is not timed
             step = make_step(fn, inp)
-            _timed(row, step, device, warmup, repeats, cfg, max_time)
+            if timed:
+                _timed(row, step, device, warmup, repeats, cfg, max_time)
             if memory:
                 _memory(row, step, inp, cfg, device)
             del step, fn
@@ -342,15 +384,17 @@ def add_ratios(rows: list) -> None:
     floor_ms = by.get(FLOOR, {}).get("median_ms")
     eager = by.get("eager", {})
     for r in rows:
+        if r["provider"] == FLOOR:
+            continue
+        if eager.get("peak_extra_bytes") and r.get("peak_extra_bytes") is not None:
+            r["mem_vs_eager"] = r["peak_extra_bytes"] / eager["peak_extra_bytes"]
         ms = r.get("median_ms")
-        if ms is None or r["provider"] == FLOOR:
+        if ms is None:
             continue
         if floor_ms:
             r["x_floor"] = ms / floor_ms
         if eager.get("median_ms"):
             r["speedup_vs_eager"] = eager["median_ms"] / ms
-        if eager.get("peak_extra_bytes") and r.get("peak_extra_bytes") is not None:
-            r["mem_vs_eager"] = r["peak_extra_bytes"] / eager["peak_extra_bytes"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,8 +415,8 @@ CSV_COLUMNS = [
     "date", "device", "device_name", "torch", "cuda", "fastreg_commit", "fastreg_build", "python", "platform", "loadavg",
     "sweep", "N", "D", "V", "dtype", "reduction", "bias", "provider", "status", "note",
     "median_ms", "min_ms", "max_ms", "spread", "repeats", "tflops", "x_floor", "speedup_vs_eager",
-    "peak_extra_bytes", "mem_vs_eager", "memory_method", "err_loss", "err_dx", "err_dw", "err_db", "tol",
-    "first_call_s",
+    "peak_extra_bytes", "mem_vs_eager", "memory_method", "err_loss", "err_dx", "err_dw", "err_db",
+    "tol_loss", "tol_dx", "tol_dw", "tol_db", "first_call_s",
 ]
 
 TABLE_COLUMNS = [
@@ -408,7 +452,8 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
     for (N, D, V), tags in sizes.items():
         cfg = LCEConfig(N, D, V, dtype, args.reduction, args.bias)
         for r in bench_size(cfg, args.device, names, args.warmup, args.repeats, args.memory,
-                            tick=bar.tick, max_time=args.max_time):
+                            tick=bar.tick, max_time=args.max_time,
+                            timed=not getattr(args, "memory_only", False)):
             r.update(prov, sweep=",".join(tags))
             rows.append(r)
     bar.close()
@@ -426,9 +471,11 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
             sub = [r for r in rows if sweep in r["sweep"].split(",")]
             path = f"{out_dir}/lce-{sweep}-{args.device}-{C.dtype_name(dtype)}.png"
             fixed = "N" if x_key == "V" else "V"
+            panels = [] if getattr(args, "memory_only", False) else [("median_ms", "time (ms)", 1.0)]
+            if args.memory:
+                panels.append(("peak_extra_bytes", "peak extra memory (MiB)", 1 / 2**20))
             plots.plot_sweep(sub, x_key, f"linear cross-entropy fwd+bwd vs {x_key} "
                              f"({fixed}={sub[0][fixed]}, D={sub[0]['D']}, {C.dtype_name(dtype)}, {args.device})",
-                             path, [("median_ms", "time (ms)", 1.0), ("peak_extra_bytes", "peak extra memory (MiB)",
-                                                                      1 / 2**20)])
+                             path, panels)
             print(f"plot: {path}")
     return rows
