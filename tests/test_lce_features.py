@@ -270,7 +270,7 @@ def test_grad_filter_loss_unchanged_and_error_bounded(dtype, reduction):
             assert left_out.norm() <= e * scale[i][1] + slack[1] + ulp * exact[i].norm()
 
 
-def peaked_lm(N, D, V, p_target, seed=0, zipf=1.1):
+def peaked_lm(N, D, V, p_target, seed=0, zipf=1.1, common=0.5):
     """The issue's kind of input, scaled down: Zipf targets (class id = frequency rank) and hidden
     states aligned with their target's weight row, x = alpha W_t / |W_t| + noise, alpha tuned (in
     fp64, bisection) so the mean target probability is p_target; the rest of each row's mass is
@@ -280,7 +280,7 @@ def peaked_lm(N, D, V, p_target, seed=0, zipf=1.1):
     rank = torch.arange(1, V + 1, dtype=torch.float64).pow(-zipf)
     t = torch.multinomial(rank / rank.sum(), N, replacement=True, generator=g)
     u = w[t] / w[t].norm(dim=1, keepdim=True)
-    noise = 0.5 * torch.randn(N, D, generator=g, dtype=torch.float64) / D ** 0.5 + 0.5 / D ** 0.5
+    noise = 0.5 * torch.randn(N, D, generator=g, dtype=torch.float64) / D ** 0.5 + common / D ** 0.5
     wb, tb = w.to(torch.bfloat16).double(), t
 
     def mean_p(alpha):
