@@ -21,8 +21,8 @@
 TORCH_LIBRARY(fastreg, m) {
   // ---- fused linear -> softmax -> cross-entropy ---------------------------------------------
   // input (N, D), weight (V, D), target (N,) int64/int32 or class probabilities (N, V) of input's
-  // dtype, bias (V,), class_weight (V,). grad_filter_eps > 0: the backward GEMMs skip vocabulary
-  // blocks whose |d loss_i / d z| stay below it. skip_ignored: -1 auto (CPU on, CUDA off), 0, 1 (on
+  // dtype, bias (V,), class_weight (V,). grad_filter_eps > 0: the backward GEMMs skip (row tile,
+  // vocabulary block) products while their bounded total stays within eps of the gradient's scale. skip_ignored: -1 auto (CPU on, CUDA off), 0, 1 (on
   // CUDA one host sync). return_stats: lse (N,) accumulate dtype, predictions (N,) int64; else empty.
   // reduction: 0 none, 1 mean, 2 sum. softcap <= 0 means off. output_mask: which of
   // (grad_input, grad_weight, grad_bias) to compute *in the forward* (scalar reductions only;
@@ -63,10 +63,11 @@ TORCH_LIBRARY(fastreg, m) {
   //                  logits, 0 for ignored rows.
   //   argmax_rows    (rows,) int64: the first maximum of each active row's (softcapped) logits (a NaN
   //                  counts as the maximum, like torch.argmax), -1 for ignored rows.
-  //   block_keep     (row_tiles, num_blocks) uint8, zero-filled by the caller, with write_grad and
-  //                  grad_filter_eps > 0: set to 1 where some written gradient entry of the tile's
-  //                  rows (ceil(rows / row_tiles) each) and the block's columns (ceil(V / num_blocks)
-  //                  each) has |g| > grad_filter_eps (or is NaN). Nothing is zeroed.
+  //   block_keep     (row_tiles, num_blocks) uint8, zero-filled by the caller, with write_grad: raised
+  //                  to the largest lce_block_code (lce_math.h) of the written gradient entries of the
+  //                  tile's rows (ceil(rows / row_tiles) each) and the block's columns (ceil(V /
+  //                  num_blocks) each): 0 where all |g| <= grad_filter_eps (>= 0), else the biased
+  //                  fp32 exponent of the largest |g| (a bound 2^(code - 126); 255: inf/NaN).
   m.def(
       "_lce_rows(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor row_scale, int ignore_index, "
       "float label_smoothing, float softcap, float z_loss, bool write_grad, Tensor(b!) loss_rows, "

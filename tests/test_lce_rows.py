@@ -211,9 +211,40 @@ def test_argmax_first_of_ties_and_16_lane_positions():
     assert am.tolist() == [4, 19, 68, 0]
 
 
+def block_codes(g, eps, acc):
+    """lce_math.h's lce_block_code of each entry of the written gradient g: 0 where |g| <= eps (compared
+    in the accumulate dtype), else the biased fp32 exponent field of |g| (at least 1; 255 for inf/NaN)."""
+    a = g.double().abs()
+    over = (a > torch.tensor(eps, dtype=acc).double()) | torch.isnan(a)
+    _, e = torch.frexp(a.float())  # |g| = m 2^e, m in [0.5, 1): the exponent field is e + 126
+    code = (e.long() + 126).clamp(1, 254)
+    code = torch.where(torch.isfinite(a.float()), code, 255)
+    return torch.where(over, code, 0)
+
+
+def keep_map(g, eps, acc, tiles, blocks):
+    """The expected block_keep: per (row tile, block), the largest code of its entries."""
+    rows, V = g.shape
+    th, bw = math.ceil(rows / tiles), math.ceil(V / blocks)
+    pad = torch.zeros(tiles * th, blocks * bw, dtype=torch.long)
+    pad[:rows, :V] = block_codes(g, eps, acc)
+    return pad.view(tiles, th, blocks, bw).amax(dim=(1, 3)).to(torch.uint8)
+
+
+def test_block_code_bounds_its_entries():
+    # the bound of a code (2^(code - 126)) is above every entry with that code and below twice it
+    g = torch.tensor([1.0, 0.75, 2.0 ** -30, 3e-39, 1e-45, 65504.0, 2.0 ** 100, -5.0])
+    code = block_codes(g, 0.0, torch.float32)
+    assert code.tolist()[:2] == [127, 126] and code[5] == 142 and code[3] == 1 and code[4] == 1
+    bound = torch.pow(2.0, code.double() - 126)
+    assert torch.all(g.double().abs() < bound)
+    normal = g.abs() >= 2.0 ** -126
+    assert torch.all(bound[normal] <= 2 * g.double().abs()[normal])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 70, 3, 4), (33, 1000, 4, 7), (8, 64, 8, 4), (3, 16, 5, 20)])
-def test_block_keep_marks_exactly_the_blocks_over_eps(dtype, shape):
+def test_block_keep_holds_the_largest_code_of_each_block(dtype, shape):
     rows, V, tiles, blocks = shape
     logits, target = case(rows, V, dtype, seed=rows + V)
     logits[0, 1] = 30.0  # peaked rows: most entries tiny
@@ -227,13 +258,11 @@ def test_block_keep_marks_exactly_the_blocks_over_eps(dtype, shape):
     eps = levels[len(levels) // 2].item()
     loss, grad, _, _, keep = run(logits, target, filter_eps=eps, keep_shape=(tiles, blocks))
     assert torch.equal(grad, grad0) and torch.equal(loss, loss0)  # the map changes nothing else
-    g = grad.double()
-    over = (g.abs() > torch.tensor(eps, dtype=acc_of(dtype)).double()) | torch.isnan(g)
-    want = torch.zeros(tiles, blocks, dtype=torch.uint8)
-    for r, c in over.nonzero().tolist():
-        want[r // th, c // bw] = 1
+    want = keep_map(grad, eps, acc_of(dtype), tiles, blocks)
     assert torch.equal(keep, want)
-    assert 0 < int(want.sum()) < tiles * blocks
+    assert 0 < int((want > 0).sum()) < tiles * blocks
+    _, _, _, _, keep = run(logits, target, filter_eps=0.0, keep_shape=(tiles, blocks))  # every nonzero entry coded
+    assert torch.equal(keep, keep_map(grad, 0.0, acc_of(dtype), tiles, blocks))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -250,18 +279,18 @@ def test_block_keep_threshold_equality(dtype):
         eps = float(torch.tensor(eps, dtype=torch.float32))
     _, _, _, _, keep = run(logits, target, filter_eps=eps, keep_shape=(4, 4))
     assert keep[2, 1] == 0
-    assert torch.equal(keep.bool(), (blk > eps).any(-1))
+    assert torch.equal(keep > 0, (blk > eps).any(-1))
     below = math.nextafter(eps, 0.0) if dtype == torch.float64 else float(
         torch.nextafter(torch.tensor(eps, dtype=torch.float32), torch.tensor(0.0)))
     _, _, _, _, keep = run(logits, target, filter_eps=below, keep_shape=(4, 4))
-    assert keep[2, 1] == 1
+    assert keep[2, 1] > 0
 
 
 def test_block_keep_nan_gradient_keeps_its_block():
     logits, target = case(2, 32, torch.float32, ignore_frac=0.0)
     logits[1, 20] = float("nan")
     _, _, _, _, keep = run(logits, target, filter_eps=1e30, keep_shape=(2, 2))
-    assert keep.tolist() == [[0, 0], [1, 1]]
+    assert keep.tolist() == [[0, 0], [255, 255]]  # the largest code: an entry with no bound
 
 
 @pytest.mark.parametrize("regime", ["small", "large"])

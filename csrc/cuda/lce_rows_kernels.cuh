@@ -77,7 +77,7 @@ struct RowArgs {
   const void* zloss_scale;  // one element, float32/float64 (zscale_f64): multiplies the z-loss term
   void* lse;                // (rows,) float32/float64 (lse_f64): each row's log-sum-exp, 0 if ignored
   int64_t* argmax;          // (rows,): first maximum of each row, -1 if ignored
-  uint8_t* keep;            // (row_tiles, num_blocks) block map of |g| > keep_eps (or NaN)
+  uint8_t* keep;            // (row_tiles, num_blocks) max lce_block_code of the tile's entries
   double keep_eps;
   int64_t tile_h, block_w, num_blocks;
   bool zscale_f64;
@@ -253,10 +253,21 @@ __device__ __forceinline__ A apply_softcap(A a, A cap, bool capped) {
   return capped ? cap * fastreg::softcap_tanh(a / cap) : a;
 }
 
-// block_keep: mark (relaxed, idempotent store of 1) the block of column c in this row's tile.
-__device__ __forceinline__ void mark_block(uint8_t* keep_row, int64_t block) {
-  volatile uint8_t* p = keep_row + block;
-  if (*p == 0) *p = 1;
+// block_keep: raise the entry of `block` in this row's tile to at least `code` (lce_block_code). No
+// 8-bit atomics: a compare-and-swap of the aligned 32-bit word holding the byte (its other bytes
+// written back unchanged; the allocator's granularity keeps the word inside the allocation).
+__device__ __forceinline__ void raise_block_code(uint8_t* keep_row, int64_t block, unsigned code) {
+  uint8_t* p = keep_row + block;
+  if (code == 0u || *static_cast<volatile uint8_t*>(p) >= code) return;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+  unsigned int* word = reinterpret_cast<unsigned int*>(addr & ~uintptr_t(3));
+  const unsigned shift = static_cast<unsigned>(addr & 3) * 8u;
+  unsigned int old = *static_cast<volatile unsigned int*>(word);
+  while (((old >> shift) & 0xffu) < code) {
+    const unsigned int seen = atomicCAS(word, old, (old & ~(0xffu << shift)) | (code << shift));
+    if (seen == old) break;
+    old = seen;
+  }
 }
 
 // Row geometry: scalar head [0, head), vectors [head, head + nvec*VEC), scalar tail up to V.
@@ -454,14 +465,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     };
     uint8_t* keep_row = args.keep ? args.keep + (r / args.tile_h) * args.num_blocks : nullptr;
     const A keep_eps = static_cast<A>(args.keep_eps);
-    // block_keep tests the value as stored (after rounding to T)
+    // block_keep codes the value as stored (after rounding to T)
     auto store_grad = [&](T* dst, int64_t c, A g) {
       const T out = from_acc<T>(g);
       *dst = out;
-      if (keep_row) {
-        const A gs = to_acc(out);
-        if (!(gs <= keep_eps && -gs <= keep_eps)) mark_block(keep_row, c / args.block_w);
-      }
+      if (keep_row) raise_block_code(keep_row, c / args.block_w, fastreg::lce_block_code<A>(to_acc(out), keep_eps));
     };
 
     for (int64_t base = sp.v0 + tid; base < sp.v1; base += stride) {
@@ -486,12 +494,21 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
 #pragma unroll
           for (int i = 0; i < VEC; ++i) out.v[i] = from_acc<T>(grad_of(to_acc(pk[u].v[i]), c0 + i));
           store_pack(row + c0, out);
-          if (keep_row) {
+          if (keep_row) {  // one raise per run of the pack's columns in the same block
+            int64_t block = c0 / args.block_w;
+            unsigned top = 0;
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-              const A gs = to_acc(out.v[i]);
-              if (!(gs <= keep_eps && -gs <= keep_eps)) mark_block(keep_row, (c0 + i) / args.block_w);
+              const int64_t b = (c0 + i) / args.block_w;
+              if (b != block) {
+                raise_block_code(keep_row, block, top);
+                block = b;
+                top = 0;
+              }
+              const unsigned code = fastreg::lce_block_code<A>(to_acc(out.v[i]), keep_eps);
+              top = code > top ? code : top;
             }
+            raise_block_code(keep_row, block, top);
           }
         }
       }

@@ -204,7 +204,7 @@ struct RowArgs {
   int64_t ignore_index;
   double label_smoothing, softcap, z_loss;
   Tensor zloss_scale;            // (1,) extra factor of the z-loss term, or undefined (1)
-  double grad_filter_eps = 0.0;  // > 0: dX/dW skip the vocabulary blocks whose gradients stay below it
+  double grad_filter_eps = 0.0;  // > 0: dX/dW skip the (tile, block) products the bounded rule allows
   bool stats = false;            // write each row's log-sum-exp and argmax
 };
 
@@ -285,20 +285,105 @@ void add_target_rows_cpu(Tensor& gw, const Tensor& x, const Tensor& target, cons
   });
 }
 
-// dX and dW of one chunk from its gradient logits, leaving out the vocabulary blocks whose
-// gradients the row pass found <= eps. The row pass marks blocks per row (block_keep has one row
-// per logits row); here rows are grouped into tiles of kFilterTileRows and each tile's GEMMs take
-// the union of its rows' blocks, runs of kept blocks merged into one GEMM each. With class-index
-// targets the one-hot part of each row's gradient (the entry at its target, of size ~s) would keep
-// the target's block in every row; it is taken out of the logits and added by a gather (dX) and
-// an index_add (dW, db) instead, and the target's block stays only if another of its entries
-// exceeds eps. block_keep is read on the host: on CUDA one sync per chunk.
+// Per vocabulary block, what the bound on a skipped block's dX contribution needs of the weight
+// (docs/gradient-filtering.md): a_b = sum over the block's classes c of |W_c| (entrywise, D values),
+// reduced to max_d a_b (the entry bound) and |a_b|_2 (the row-norm bound); (2, blocks) in fp64.
+Tensor block_weight_norms(const Tensor& w, int64_t blocks) {
+  const int64_t V = w.size(0), bw = (V + blocks - 1) / blocks;
+  Tensor out = at::empty({2, blocks}, w.options().dtype(at::kDouble));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * bw, cn = std::min(bw, V - c0);
+    if (cn <= 0) {
+      out.select(1, b).zero_();
+      continue;
+    }
+    const Tensor a = at::sum(w.narrow(0, c0, cn).abs(), {0}, false, at::kDouble);
+    out.select(1, b).copy_(at::stack({a.amax(), a.norm()}));
+  }
+  return out;
+}
+
+// The bounded skip rule (docs/gradient-filtering.md has the derivation). U_ib: the bound on every
+// |d loss / d z| of row i in block b (2^(code - 126) of the row pass's lce_block_code; the target entry
+// excluded). A (tile T, block b) product skipped leaves out of
+//   dW_c (c in b): at most sum_{i in T} U_ib |x_i|_inf per entry, sum_{i in T} U_ib |x_i|_2 in norm;
+//   dX_i (i in T): at most U_ib max_d a_bd per entry, U_ib |a_b|_2 in norm (a_b above).
+// The skips are chosen greedily, smallest bound first, while what they leave out in total stays
+// within eps times the gradient's scale, both per entry and in Frobenius norm: for dW per entry
+// sum_T <= eps S_inf and sum_b |b| (sum_T)^2 <= (eps S_2)^2, for dX per row sum_b <= eps S_inf and
+// sum_T (sum_b)^2 <= (eps S_2)^2. The scales are the chunk's target part: per row, |g_it| times
+// |x_i| (dW) or |W_t| (dX), largest and in norm (with probability targets, the row's largest |g|
+// times the RMS weight row for dX). Returns (dX keep, dW keep), each (tiles * blocks) [t * blocks + b].
+struct TileKeep {
+  std::vector<uint8_t> dx, dw;
+};
+TileKeep bounded_tile_keep(const double* bw_dw, const double* b2_dw, const double* bi_dx, const double* b2_dx,
+                           const double* scales, const double* wnorm, int64_t tiles, int64_t blocks, int64_t V,
+                           double eps) {
+  const int64_t pairs = tiles * blocks, bw = (V + blocks - 1) / blocks;
+  TileKeep k{std::vector<uint8_t>(pairs, 1), std::vector<uint8_t>(pairs, 1)};
+  const double sw_inf = eps * scales[0], sw_2 = eps * scales[1], sx_inf = eps * scales[2], sx_2 = eps * scales[3];
+  std::vector<int64_t> order(pairs);
+  auto ascending = [&](const double* key) {
+    for (int64_t j = 0; j < pairs; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [key](int64_t a, int64_t b) { return key[a] < key[b]; });
+  };
+  {  // dW: budgets per block (entries) and over all classes (norm)
+    std::vector<double> cum_inf(blocks, 0.0), cum_2(blocks, 0.0);
+    double q = 0.0;
+    ascending(b2_dw);
+    for (const int64_t j : order) {
+      const int64_t b = j % blocks;
+      const double width = static_cast<double>(std::min(bw, V - b * bw));
+      const double ni = cum_inf[b] + bw_dw[j], n2 = cum_2[b] + b2_dw[j];
+      const double nq = q + width * (n2 * n2 - cum_2[b] * cum_2[b]);
+      if (ni <= sw_inf && nq <= sw_2 * sw_2) {  // (false for NaN / inf bounds)
+        cum_inf[b] = ni, cum_2[b] = n2, q = nq;
+        k.dw[j] = 0;
+      }
+    }
+  }
+  {  // dX: budgets per tile (entries) and over all rows (norm)
+    std::vector<double> key(pairs);
+    for (int64_t j = 0; j < pairs; ++j) key[j] = b2_dx[j] * wnorm[blocks + j % blocks];
+    std::vector<double> cum_inf(tiles, 0.0), cum_2(tiles, 0.0);
+    double q = 0.0;
+    ascending(key.data());
+    for (const int64_t j : order) {
+      const int64_t t = j / blocks, b = j % blocks;
+      const double ni = cum_inf[t] + bi_dx[j] * wnorm[b], n2 = cum_2[t] + key[j];
+      const double nq = q + (n2 * n2 - cum_2[t] * cum_2[t]);
+      if (ni <= sx_inf && nq <= sx_2 * sx_2) {
+        cum_inf[t] = ni, cum_2[t] = n2, q = nq;
+        k.dx[j] = 0;
+      }
+    }
+  }
+  return k;
+}
+
+// dX and dW of one chunk from its gradient logits, leaving out the (row tile, vocabulary block)
+// products the bounded rule (bounded_tile_keep) allows. The rows come grouped by target and are
+// taken in tiles of kFilterTileRows; each tile's dX GEMMs take its kept blocks, runs merged into
+// one GEMM each. With class-index targets the one-hot part of each row's gradient (the entry at its
+// target, of size ~s) is taken out of the logits and added by a gather (dX) and an index_add (dW,
+// db) instead; the target's block is then bounded by its other entries. The per-(tile, block)
+// bounds and the scales are reduced on the device and read on the host together: on CUDA one sync
+// per chunk. wnorm: block_weight_norms (undefined without dX).
 void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc, const Tensor& target,
-                       const Tensor& keep_dev, double eps, Tensor gi, Tensor& gw_acc, Tensor gb_acc, bool want_gi,
-                       bool want_gw, bool first_chunk) {
+                       const Tensor& keep_dev, double eps, const Tensor& wnorm, Tensor gi, Tensor& gw_acc,
+                       Tensor gb_acc, bool want_gi, bool want_gw, bool first_chunk) {
   const int64_t rows = logits.size(0), blocks = keep_dev.size(1);
   const int64_t bw = (p.V + blocks - 1) / blocks;  // the row pass's block width
-  Tensor idx, val, active;
+  const auto dd = xc.options().dtype(at::kDouble);
+  // U: the bound of each (row, block) from the row pass's codes (lce_math.h), on the device
+  // (code 0: the entries are 0; 255: inf/NaN, no bound)
+  const Tensor code = keep_dev.to(at::kDouble);
+  Tensor U = at::where(code == 0, 0.0,
+                       at::where(code == 255, std::numeric_limits<double>::infinity(), at::pow(2.0, code - 126)));
+  const Tensor xd = xc.to(at::kDouble);
+  const Tensor x_inf = xd.abs().amax(1), x_2 = xd.square().sum(1).sqrt();
+  Tensor idx, val, active, scales;
   if (target.defined()) {
     active = (target >= 0) & (target < p.V);
     idx = target.clamp(0, p.V - 1).unsqueeze(1);
@@ -310,12 +395,36 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
     const Tensor first = idx.div(bw, "floor");
     Tensor cols = first * bw + at::arange(bw, idx.options()).unsqueeze(0);  // (rows, bw): the target's block
     const Tensor inside = cols < p.V;
-    const Tensor entries = logits.gather(1, cols.clamp_max_(p.V - 1));
-    const Tensor hit = (((entries.abs() > eps) | entries.isnan()) & inside).any(1) & active;
-    keep_dev.scatter_(1, first, hit.to(at::kByte).unsqueeze(1));
+    const Tensor entries = at::where(inside, logits.gather(1, cols.clamp_max_(p.V - 1)), 0).to(at::kDouble);
+    // the largest other entry of the target's block, exactly (NaN stays NaN: that block is kept)
+    U.scatter_(1, first, entries.abs().amax(1, true));
+    const Tensor gt = val.to(at::kDouble).abs();
+    const Tensor wt = p.w.index_select(0, idx.squeeze(1)).to(at::kDouble);
+    const Tensor w_inf = wt.abs().amax(1), w_2 = wt.square().sum(1).sqrt();
+    scales = at::stack({(gt * x_inf).amax(), (gt * x_2).norm(), (gt * w_inf).amax(), (gt * w_2).norm()});
+  } else {
+    const Tensor top = U.amax(1) / 2;  // <= the row's largest |g| (a code's bound is < 2x its entries)
+    const Tensor w_rms = at::linalg_vector_norm(p.w, 2, std::nullopt, false, at::kDouble) / std::sqrt(double(p.V));
+    const Tensor w_inf_rms = w_rms / std::sqrt(double(std::max<int64_t>(p.D, 1)));
+    scales = at::stack({(top * x_inf).amax(), (top * x_2).norm(), (top * w_inf_rms).amax(), (top * w_rms).norm()});
   }
-  const Tensor keep = keep_dev.cpu();  // one device sync per chunk on CUDA (documented)
-  const uint8_t* k = keep.const_data_ptr<uint8_t>();
+  // per (tile, block): sum_i U |x_i|_inf, sum_i U |x_i|_2 (dW); max_i U, (sum_i U^2)^1/2 (dX)
+  const int64_t tiles = (rows + kFilterTileRows - 1) / kFilterTileRows, padded = tiles * kFilterTileRows;
+  auto tiled = [&](const Tensor& t) {  // (rows, blocks) -> (tiles, tile rows, blocks), zero rows added
+    return at::constant_pad_nd(t, {0, 0, 0, padded - rows}, 0).view({tiles, kFilterTileRows, blocks});
+  };
+  const Tensor Ut = tiled(U);
+  const Tensor dw_inf = (Ut * tiled(x_inf.unsqueeze(1).expand({rows, blocks}))).sum(1);
+  const Tensor dw_2 = (Ut * tiled(x_2.unsqueeze(1).expand({rows, blocks}))).sum(1);
+  const Tensor dx_inf = Ut.amax(1), dx_2 = Ut.square().sum(1).sqrt();
+  const Tensor wn = wnorm.defined() ? wnorm.to(dd.device()) : at::zeros({2, blocks}, dd);
+  const Tensor host = at::cat({dw_inf.flatten(), dw_2.flatten(), dx_inf.flatten(), dx_2.flatten(), scales,
+                               wn.flatten()})
+                          .cpu();  // one device sync per chunk on CUDA (documented)
+  const double* h = host.const_data_ptr<double>();
+  const int64_t pairs = tiles * blocks;
+  const TileKeep tk = bounded_tile_keep(h, h + pairs, h + 2 * pairs, h + 3 * pairs, h + 4 * pairs,
+                                        h + 4 * pairs + 4, tiles, blocks, p.V, eps);
   // Runs [first, last) of set entries of a block mask, as column ranges.
   auto for_runs = [&](const std::vector<uint8_t>& mask, auto&& fn) {
     for (int64_t b = 0; b < blocks;) {
@@ -327,15 +436,14 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
       b = e;
     }
   };
-  const int64_t tiles = (rows + kFilterTileRows - 1) / kFilterTileRows;
   std::vector<uint8_t> tile_keep(blocks);
-  std::vector<uint8_t> tiles_of_block(blocks * tiles, 0);  // [b * tiles + t]: tile t keeps block b
+  std::vector<uint8_t> tiles_of_block(blocks * tiles, 0);  // [b * tiles + t]: dW of tile t keeps block b
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t t0 = t * kFilterTileRows, tn = std::min(kFilterTileRows, rows - t0);
-    std::fill(tile_keep.begin(), tile_keep.end(), 0);
-    for (int64_t r = t0; r < t0 + tn; ++r)
-      for (int64_t b = 0; b < blocks; ++b) tile_keep[b] |= k[r * blocks + b];
-    for (int64_t b = 0; b < blocks; ++b) tiles_of_block[b * tiles + t] = tile_keep[b];
+    for (int64_t b = 0; b < blocks; ++b) {
+      tiles_of_block[b * tiles + t] = tk.dw[t * blocks + b];
+      tile_keep[b] = tk.dx[t * blocks + b];
+    }
     if (!want_gi) continue;
     // dX of the tile's rows from the tile's kept blocks
     const Tensor lt = logits.narrow(0, t0, tn);
@@ -490,8 +598,9 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
     lbuf = at::empty({rows_buf}, acc_opts);
     if (a.stats) lsebuf = at::empty({rows_buf}, acc_opts), amaxbuf = at::empty({rows_buf}, st.argmax.options());
   }
-  Tensor keep;  // (row tiles, vocabulary blocks) of the filtered backward
+  Tensor keep;  // (rows, vocabulary blocks) block codes of the filtered backward's chunk
   const int64_t blocks = (p.V + kFilterBlockCols - 1) / kFilterBlockCols;
+  const Tensor wnorm = filter && want_gi ? block_weight_norms(p.w, blocks) : Tensor();
   Tensor gw_tmp;  // reduced-precision partial grad_W on CPU (no mixed-dtype GEMM there)
   const Tensor wt = p.w.t();
   bool gw_started = false;
@@ -518,8 +627,8 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
     if (filter) {
       keep = at::zeros({rows, blocks}, p.x.options().dtype(at::kByte));  // per row: grouped into tiles later
     }
-    lce_rows(logits, tc, pc, p.cw, sc, a, write_grad, lr, lse, amax, filter ? a.grad_filter_eps : 0.0,
-             filter ? keep : Tensor());
+    // (the row pass codes every nonzero entry: threshold 0)
+    lce_rows(logits, tc, pc, p.cw, sc, a, write_grad, lr, lse, amax, 0.0, filter ? keep : Tensor());
     if (compact) {
       loss_rows.index_copy_(0, cr.index, lr);
       if (a.stats) st.lse.index_copy_(0, cr.index, lse), st.argmax.index_copy_(0, cr.index, amax);
@@ -528,7 +637,7 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
     Tensor gi;
     if (want_gi) gi = compact ? gibuf.narrow(0, 0, rows) : g.input.narrow(0, c0, rows);
     if (filter) {
-      filtered_backward(p, logits, xc, p.probs.defined() ? Tensor() : tc, keep, a.grad_filter_eps, gi, g.weight,
+      filtered_backward(p, logits, xc, p.probs.defined() ? Tensor() : tc, keep, a.grad_filter_eps, wnorm, gi, g.weight,
                         want_gb ? g.bias : Tensor(), want_gi, want_gw, !gw_started);
       gw_started = true;
     } else {
@@ -664,15 +773,12 @@ Tensor active_rows(const Problem& p, int64_t ignore_index, int64_t skip_ignored)
   return index.size(0) == p.N ? Tensor() : index;
 }
 
-// grad_filter_eps is a bound on |d loss_i / d z_ic| of a row's own loss; the row pass compares the
-// gradient it writes (times the row's scale), so the bound is scaled by the smallest nonzero
-// |row scale| (conservative for per-row scales). On CUDA reading it is a host sync, as is the
-// filtered backward's read of block_keep.
-double filter_threshold(double grad_filter_eps, const Tensor& row_scale) {
-  if (grad_filter_eps <= 0) return 0.0;
-  const Tensor a = row_scale.abs();
-  const double s = at::where(a > 0, a, std::numeric_limits<double>::infinity()).min().item<double>();
-  return std::isfinite(s) ? grad_filter_eps * s : 0.0;
+// grad_filter_eps is the filter's relative tolerance (docs/gradient-filtering.md): what it leaves out
+// stays within eps times each gradient's scale. The rule compares bounds with scales taken from the
+// same written gradient (which carries the row scale), so the reduction's scale needs no special
+// handling and nothing is read on the host here.
+double filter_threshold(double grad_filter_eps, const Tensor& /*row_scale*/) {
+  return grad_filter_eps > 0 ? grad_filter_eps : 0.0;
 }
 
 // fp16 on a CPU without fp16 matrix instructions (AVX512-FP16 / AMX-FP16): torch's fp16 GEMM there

@@ -7,8 +7,8 @@
 //      Q = sum_c w_c q'_c and S = sum_c w_c q'_c (z_c - max). With a gradient to write, each
 //      exp(z_c - max) is kept in a per-thread fp32 scratch row (L2-resident) for sweep 3.
 //   3. gradient written in place over the logits: (A p_c - B w_c - [c == t] C) * softcap'(a_c), or
-//      s ((Q + 2 l lse) p_c - w_c q'_c) * softcap'(a_c); block_keep marks the vocabulary blocks that
-//      hold an entry with |g| > grad_filter_eps.
+//      s ((Q + 2 l lse) p_c - w_c q'_c) * softcap'(a_c); block_keep gets, per vocabulary block, the
+//      largest lce_block_code of its entries (0: all |g| <= grad_filter_eps; else |g|'s fp32 exponent).
 // float, bfloat16 and float16 rows run on explicit 16-lane fp32 vectors (csrc/lce/lce_cpu_simd.h,
 // GCC/clang vector extensions): 16-bit values are widened/narrowed 16 lanes at a time in registers
 // (round to nearest even, as torch's casts); sweeps 1 and 2 run 4 independent accumulators (a
@@ -64,9 +64,13 @@ struct Chunk {
   int64_t tile_h = 1, block_w = 1, num_blocks = 1;
 };
 
-inline void mark_block(uint8_t* p) {
-  std::atomic_ref<uint8_t> flag(*p);
-  if (flag.load(std::memory_order_relaxed) == 0) flag.store(1, std::memory_order_relaxed);
+// block_keep: raise a (row tile, block) entry to at least `code` (lce_block_code). Atomic: the
+// rows of a tile may run on different threads.
+inline void raise_block_code(uint8_t* p, uint8_t code) {
+  std::atomic_ref<uint8_t> slot(*p);
+  uint8_t cur = slot.load(std::memory_order_relaxed);
+  while (cur < code && !slot.compare_exchange_weak(cur, code, std::memory_order_relaxed)) {
+  }
 }
 
 // An ignored row: loss 0, lse 0, argmax -1, zero gradient.
@@ -185,7 +189,7 @@ void row_f64(const Chunk<double>& k, int64_t r, int64_t t) {
     else v -= (smoothing ? g.B * w(c) : 0.0) + (c == t ? g.C : 0.0);
     if (cap) v *= softcap_grad_from_value(z[c], k.softcap);
     z[c] = v;
-    if (keep_row && !(std::fabs(v) <= k.keep_eps)) mark_block(keep_row + c / k.block_w);
+    if (keep_row) raise_block_code(keep_row + c / k.block_w, lce_block_code(v, k.keep_eps));
   }
 }
 

@@ -208,17 +208,26 @@ FR_INLINE vf vtanh(vf x) {
   return select(ax < splat(kSoftcapTanhPolyBound), small, big_signed);
 }
 
-// block_keep for the gradient lanes g of columns [c, c + n) of one row (keep_row: the row's tile).
+// block_keep for the gradient lanes g of columns [c, c + n) of one row (keep_row: the row's tile):
+// each block's entry raised to the largest lce_block_code of its lanes, computed lane-wise (the
+// biased exponent field of |g|, at least 1; 0 where |g| <= eps; 255 for NaN).
 template <typename A>
 FR_INLINE void mark_lanes(const Chunk<A>& k, uint8_t* keep_row, int64_t c, vf g, int64_t n) {
   const int64_t b0 = c / k.block_w, b1 = (c + n - 1) / k.block_w;
-  if (b0 == b1 && std::atomic_ref<uint8_t>(keep_row[b0]).load(std::memory_order_relaxed) != 0) return;
-  vi hit = (vabs(g) > splat(float(k.keep_eps))) | (g != g);
-  if (n < kW) hit &= kLanes < splati(int32_t(n));
-  if (!any_lane(hit)) return;
-  if (b0 == b1) return mark_block(keep_row + b0);
+  const vf a = vabs(g);
+  const vi hit = (a > splat(float(k.keep_eps))) | (g != g);
+  const vi exponent = (vi)a >> 23;
+  vi code = hit & (exponent < 1 ? splati(1) : exponent);
+  if (n < kW) code &= kLanes < splati(int32_t(n));
+  if (b0 == b1) {
+    const int32_t cur = std::atomic_ref<uint8_t>(keep_row[b0]).load(std::memory_order_relaxed);
+    if (!any_lane(code > splati(cur))) return;
+    int32_t top = 0;
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, int32_t(code[i]));
+    return raise_block_code(keep_row + b0, uint8_t(top));
+  }
   for (int64_t i = 0; i < n; ++i)
-    if (hit[i]) mark_block(keep_row + (c + i) / k.block_w);
+    if (code[i]) raise_block_code(keep_row + (c + i) / k.block_w, uint8_t(code[i]));
 }
 
 // The fp32 row pass over storage S (float, BFloat16, Half). kSoft: probability targets;

@@ -15,6 +15,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "common.h"
@@ -117,6 +118,23 @@ FASTREG_HD T lce_smoothed_prob(T q, T eps, T inv_v) {
 // so no pass ever reads or writes out of bounds.
 FASTREG_HD bool lce_target_active(int64_t t, int64_t ignore_index, int64_t V) {
   return t != ignore_index && t >= 0 && t < V;
+}
+
+// Gradient filtering (docs/gradient-filtering.md). The row pass writes, per (row, vocabulary block),
+// the largest code of the block's written gradient entries g: 0 where |g| <= eps, else the biased
+// fp32 exponent field of |g| (at least 1; 255 for inf/NaN). A field e means |g| < 2^(e - 126), so
+// 2^(code - 126) bounds every entry of the block (and is < 2x its largest), and the max of the codes
+// is the code of the max: one byte per (row, block), raised with an integer max whatever the
+// order of the threads, no floating-point sums.
+template <typename A>
+FASTREG_HD uint8_t lce_block_code(A g, A eps) {
+  const A a = g < A(0) ? -g : g;
+  if (a <= eps) return 0;  // (false for NaN)
+  const float f = static_cast<float>(a);
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof(bits));
+  const uint32_t e = (bits >> 23) & 0xffu;
+  return static_cast<uint8_t>(e < 1u ? 1u : e);
 }
 
 }  // namespace fastreg
