@@ -6,7 +6,7 @@
 #   2. $CUDA_TREE (.cuda-build, git-ignored): a copy of the tree (scripts/mirror_tree.py), so the
 #      in-place CUDA extension never replaces the CPU build that .venv uses in the checkout.
 #   3. build there: setup.py build_ext --inplace, FASTREG_FORCE_CUDA=1, FASTREG_CUDA_ARCHS (80;90),
-#      MAX_JOBS (2), nvcc from CUDA_HOME or PATH; incremental on later runs. Timed.
+#      MAX_JOBS (2), the CUDA toolkit of scripts/find_cuda_home.sh; incremental on later runs. Timed.
 #   4. check: import fastreg without a GPU, `python -m fastreg --ops --require-cuda`: the CUDA archs
 #      compiled, and a CUDA kernel (or a composite one) registered for every fastreg operator.
 # With --tests [pytest args] it then runs the CPU test suite on that build (default: all of tests/,
@@ -51,20 +51,11 @@ if [ -z "$TORCH_CUDA" ]; then
 fi
 
 # ---------------------------------------------------------------- 2. CUDA toolkit
-# The toolkit folder holds bin/nvcc AND include/cuda_runtime.h: torch's own guess (the folder above
-# the first nvcc on PATH) is wrong where that nvcc is a wrapper script, e.g. /usr/local/bin/nvcc.
-cuda_home=""
-for cand in "${CUDA_HOME:-}" "${CUDA_PATH:-}" "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")")" /usr/local/cuda; do
-  if [ -n "$cand" ] && [ -x "$cand/bin/nvcc" ] && [ -f "$cand/include/cuda_runtime.h" ]; then
-    cuda_home=$(readlink -f "$cand")
-    break
-  fi
-done
-if [ -z "$cuda_home" ]; then
+if ! CUDA_HOME=$(scripts/find_cuda_home.sh); then
   echo "error: no CUDA toolkit found (bin/nvcc + include/cuda_runtime.h); install CUDA ${TORCH_CUDA%%.*}.x or set CUDA_HOME" >&2
   exit 1
 fi
-export CUDA_HOME=$cuda_home
+export CUDA_HOME
 NVCC=$CUDA_HOME/bin/nvcc
 NVCC_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
 say "nvcc $NVCC_VERSION at $NVCC (CUDA_HOME=$CUDA_HOME)"

@@ -28,7 +28,8 @@
 # gpu-wheels`) are installed with --no-index into a private folder.
 #
 # Environment: OUT, GPU_PYTHON (python3), GPU_CHECK_BUDGET (s, 400), MAX_JOBS (CPU count),
-# FASTREG_CUDA_ARCHS (this GPU's), BUILD_TIMEOUT (300), TEST_TIMEOUT (per test step, 120),
+# FASTREG_CUDA_ARCHS (this GPU's), BUILD_TIMEOUT (300), TEST_TIMEOUT (per CUDA test file, 120),
+# CASES_TIMEOUT (120),
 # BENCH_TIMEOUT (per benchmark step, 120), GPU_TEST_FILES, GPU_CASES_ARGS, BENCH_ARGS (added to
 # every benchmark command), GPU_RESULTS_DIR, SKIP_TESTS=1, SKIP_BENCH=1. More test steps than the
 # default three would pass the device tool's 8-file limit on $OUT.
@@ -245,15 +246,15 @@ BUILT=0
 case "${STATUS[build]}" in ok* | skipped*) BUILT=1 ;; esac
 
 # ---------------------------------------------------------------- tests
-# pytest_step NAME ARGS...: one pytest run, alone, time-boxed, its junit straight into $OUT
+# pytest_step NAME CAP ARGS...: one pytest run, alone, time-boxed, its junit straight into $OUT
 pytest_step() {
-  local name=$1
-  shift
+  local name=$1 cap=$2
+  shift 2
   local junit=$OUT_DIR/junit-$name.xml
   step "tests: $name"
   # pytest.main under a SIGINT handler of its own: a SIGINT ignored by whatever started this script
   # would otherwise leave the time box only its SIGKILL, and pytest no chance to write its junit
-  timebox "tests:$name" "${TEST_TIMEOUT:-120}" "$PY" -c \
+  timebox "tests:$name" "$cap" "$PY" -c \
     'import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))' \
     -q -p no:cacheprovider -rfE --junitxml="$junit" "$@"
   local rc=$TB_RC
@@ -272,10 +273,10 @@ else
   [ "$DRY_RUN" = 1 ] && echo "dry run: the CUDA tests run on the CPU, where they skip themselves"
   for f in $GPU_TEST_FILES; do
     n=$(basename "$f" .py)
-    pytest_step "${n#test_}" "$f"
+    pytest_step "${n#test_}" "${TEST_TIMEOUT:-120}" "$f"
   done
   # shellcheck disable=SC2086
-  [ -n "$GPU_CASES_ARGS" ] && pytest_step cases $GPU_CASES_ARGS
+  [ -n "$GPU_CASES_ARGS" ] && pytest_step cases "${CASES_TIMEOUT:-120}" $GPU_CASES_ARGS
 fi
 
 # ---------------------------------------------------------------- benchmarks
