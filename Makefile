@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY  := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: build test bench fuzz docs cuda-check port-check test-aarch64 gpu-check gpu-wheels clean
+.PHONY: build test bench fuzz docs cuda-check port-check test-aarch64 cuda-build test-cuda-build gpu-check gpu-rev gpu-wheels clean
 
 build:
 	./scripts/bootstrap.sh
@@ -49,9 +49,29 @@ test-aarch64: build
 	./scripts/port_tools.sh --qemu
 	./scripts/test_aarch64.sh
 
-# On the GPU box: build with CUDA, run the tests and the GPU benchmarks, logs + results to $$OUT.
+# Build the whole extension with CUDA (sm_80 + sm_90, MAX_JOBS=2) against torch 2.14.1's CUDA build
+# in .venv-cuda, in a copy of the tree (.cuda-build; both git-ignored), import it without a GPU and
+# check that every fastreg op has a CUDA kernel. ~15-25 min the first time on 2 cores; not part of
+# `make test`. See docs/gpu-check.md.
+cuda-build:
+	./scripts/cuda_build.sh
+
+# The CPU test suite on that CUDA build (~25 min on 2 cores; TESTS=... for a subset); logs to
+# benchmarks/results/cuda-build/.
+TESTS ?= tests
+test-cuda-build:
+	./scripts/cuda_build.sh --tests $(TESTS)
+
+# On the GPU box, in one command of at most 600 s: build with CUDA (this GPU's arch), the CUDA tests
+# first, then the GPU benchmarks, each step time-boxed; logs, junit and results to $$OUT as they go.
+# `scripts/gpu_check.sh --dry-run` (run by tests/test_gpu_check.py) walks the same steps on a CPU.
 gpu-check:
 	./scripts/gpu_check.sh
+
+# Write .fastreg-git-rev (git-ignored) for a copy of the tree without .git: carry it to the GPU box.
+gpu-rev:
+	echo "$$(git rev-parse --short=12 HEAD)$$(git status --porcelain --untracked-files=no | grep -q . && echo -dirty)" > .fastreg-git-rev
+	cat .fastreg-git-rev
 
 # Download the GPU competitors' wheels (pure Python) into .wheels/ (git-ignored) so that a device
 # run can carry them: run here, then `run` with carry [".wheels"] and `make gpu-check` there.

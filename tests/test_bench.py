@@ -44,7 +44,7 @@ def test_quick_run_writes_csv_with_provenance(quick_run):
         for r in rows:
             assert r["torch"] == torch.__version__
             assert r["device"] == "cpu" and r["device_name"] and r["date"].endswith("Z")
-            assert r["fastreg_commit"] and r["fastreg_commit"] != "unknown"
+            assert r["fastreg_commit"] == C.git_commit() != "unknown"
     lce_rows = read_csv(out / "lce.csv")
     sizes = {(int(r["N"]), int(r["D"]), int(r["V"])) for r in lce_rows}
     assert sizes == {(64, 32, 512), (64, 32, 2048), (16, 32, 2048)}  # quick sweeps, shared size once
@@ -138,6 +138,22 @@ def test_time_fn_stops_at_max_time():
     assert t.median >= 15 and t.min <= t.median <= t.max
     slow = C.time_fn(lambda: time.sleep(0.06), "cpu", warmup=0, repeats=100, max_time=0.05)
     assert len(slow.samples) == 1  # one sample already longer than max_time is enough
+
+
+def test_git_commit_sources(tmp_path, monkeypatch):
+    """git in a checkout; FASTREG_GIT_REV wins everywhere; a copy without .git (a GPU machine's)
+    reads .fastreg-git-rev (`make gpu-rev`), else says "unknown"."""
+    monkeypatch.delenv("FASTREG_GIT_REV", raising=False)
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert C.git_commit().split("-")[0] == head.stdout.strip()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above the copy
+    monkeypatch.setattr(C, "REPO_ROOT", str(tmp_path))
+    assert C.git_commit() == "unknown"
+    (tmp_path / C.GIT_REV_FILE).write_text("0123456789ab-dirty\n")
+    assert C.git_commit() == "0123456789ab-dirty"
+    monkeypatch.setenv("FASTREG_GIT_REV", "feedc0ffee12")
+    assert C.git_commit() == "feedc0ffee12"
 
 
 def test_rel_err():

@@ -67,9 +67,10 @@ def _optim_outputs(name, dtype, seed=0, steps=5):
 
 
 def _digest(tensors) -> str:
+    """SHA-256 of the tensors' bytes, on any device (copied to the host first)."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(_bits(t).numpy().tobytes())
+        h.update(_bits(t.cpu()).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -314,35 +315,47 @@ def test_bitwise_identical_in_a_fresh_process(restore_threads):
     assert out.stdout.split() == here
 
 
-CUDA_DETERMINISM_PROBE = textwrap.dedent("""
+# The same probe runs on the CPU (every `make test`) and on CUDA (when a GPU and the CUDA kernels
+# are present): a fresh process, so torch.use_deterministic_algorithms(True) is on from the start.
+DETERMINISM_PROBE_SIZES = {"cpu": dict(N=301, D=64, V=1001, chunk_size=128),
+                           "cuda": dict(N=4096, D=256, V=8191, chunk_size=1000)}
+
+
+def _deterministic_probe_digest(device: str) -> str:
+    """Digest of one seeded loss (forward + backward, several chunks) and three seeded Adam steps
+    on `device`: every input comes from a fixed-seed CPU generator, so repeated calls must agree."""
+    size = DETERMINISM_PROBE_SIZES[device]
+    x, w, b, t, cw = (a.to(device) for a in _loss_case(torch.float32, N=size["N"], D=size["D"], V=size["V"]))
+    x, w, b = (a.requires_grad_() for a in (x, w, b))
+    loss = fastreg.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1,
+                                        chunk_size=size["chunk_size"])
+    loss.backward()
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g).to(device)) for n in (1, 1000, 100003)]
+    opt = fo.Adam(params, lr=0.1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(device)
+        opt.step()
+    return _digest([loss.detach(), x.grad, w.grad, b.grad] + [p.detach() for p in params])
+
+
+DETERMINISM_PROBE = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[1])
     torch.use_deterministic_algorithms(True)   # raises on any op without a deterministic kernel
     import test_reliability as r
-    def once():
-        x, w, b, t, cw = (a.cuda() for a in r._loss_case(torch.float32, N=4096, D=256, V=8191))
-        x, w, b = (a.requires_grad_() for a in (x, w, b))
-        loss = r.fastreg.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1, chunk_size=1000)
-        loss.backward()
-        params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (1, 1000, 100003)]
-        opt = r.fo.Adam(params, lr=0.1)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.ones_like(p)
-            opt.step()
-        return r._digest([loss.detach(), x.grad, w.grad, b.grad] + [p.detach() for p in params])
-    print(once(), once(), once())
+    print(*(r._deterministic_probe_digest(sys.argv[2]) for _ in range(3)))
 """)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and fastreg.has_cuda_kernels()), reason="needs CUDA")
-def test_cuda_deterministic_algorithms_honoured():
+def test_deterministic_algorithms_honoured(device):
     """Under torch.use_deterministic_algorithms(True) (and the cuBLAS workspace setting it asks
-    for) the CUDA loss and optimizer run without error and are bitwise reproducible: no kernel of
-    fastreg uses atomics, the GEMMs are cuBLAS's."""
+    for) the loss and optimizer run without error and are bitwise reproducible, on the CPU and on
+    CUDA: no kernel of fastreg uses atomics, the GEMMs are the BLAS library's."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    out = subprocess.run([sys.executable, "-c", CUDA_DETERMINISM_PROBE, os.path.dirname(__file__)],
+    out = subprocess.run([sys.executable, "-c", DETERMINISM_PROBE, os.path.dirname(__file__), device],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     digests = out.stdout.split()

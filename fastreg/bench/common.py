@@ -74,17 +74,33 @@ def device_name(device: str) -> str:
     return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
+# Where the commit comes from when the tree is not a git checkout (a copy sent to a GPU machine):
+# FASTREG_GIT_REV, or this file at the repository root (`make gpu-rev` writes it; git-ignored).
+GIT_REV_FILE = ".fastreg-git-rev"
+
+
 def git_commit() -> str:
-    """Short commit of the fastreg checkout, with '-dirty' when the tree has local changes."""
+    """Short commit of the fastreg checkout, with '-dirty' when the tree has local changes.
+
+    FASTREG_GIT_REV, when set, wins (the caller knows best); then git; then the first line of
+    GIT_REV_FILE at the repository root; else "unknown"."""
+    env = os.environ.get("FASTREG_GIT_REV", "").strip()
+    if env:
+        return env
+
     def git(*args):
         return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, timeout=10)
     try:
         head = git("rev-parse", "--short=12", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
+        if head.returncode == 0:
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open(os.path.join(REPO_ROOT, GIT_REV_FILE)) as f:
+            return f.readline().strip() or "unknown"
+    except OSError:
         return "unknown"
 
 
