@@ -8,6 +8,7 @@
     python -m fastreg.bench --ops small          # small models: fused loss and training-step latency
     python -m fastreg.bench --ops lce-real       # loss workloads like training: SFT masks, bf16, peaked (issue 11)
     python -m fastreg.bench --ops lce-real --workloads peaked,fp16   # chosen ones
+    python -m fastreg.bench --ops sklearn        # fastreg.sklearn vs scikit-learn, one process per fit (not in 'all')
     python -m fastreg.bench --bars               # the pass/fail targets of the performance issues
     python -m fastreg.bench --list               # providers and whether they are available here
     torchrun --standalone --nproc-per-node 2 -m fastreg.bench --distributed   # vocab-parallel loss (fastreg/bench/distributed.py)
@@ -45,7 +46,7 @@ def _csv_list(text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastreg.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", choices=["lce", "optim", "small", "fit", "lce-real", "all"], default="all",
+    p.add_argument("--ops", choices=["lce", "optim", "small", "fit", "lce-real", "sklearn", "all"], default="all",
                    help="what to benchmark (default all; small: per-step latency of the small models; "
                         "fit: whole fits, CPU, not with --sizes; lce-real: the loss workloads of --workloads)")
     p.add_argument("--workloads", type=_csv_list, default=None,
@@ -158,6 +159,11 @@ def main(argv=None) -> int:
         from . import bars
         ok = bars.run(args, prov, args.out, args.progress)
         return 1 if (args.strict and not ok) else 0
+    if args.ops == "sklearn":
+        from . import sklearn_bench
+        if sklearn_bench.run(args, prov, args.out, args.progress):
+            print("\nresults appended to " + os.path.join(args.out, "sklearn.csv"))
+        return 0
     run_lce = args.ops in ("lce", "all") and (args.lce_sizes or not args.optim_sizes)
     run_optim = args.ops in ("optim", "all") and (args.optim_sizes or not args.lce_sizes)
     written = []
