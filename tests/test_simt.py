@@ -664,6 +664,10 @@ ROW_MUTATIONS = {
     "smem_attribute_only_over_48k": ("lce_rows_launch.h", "    if (smem > granted[dev]) {",
                                      "    if (smem > 48 * 1024 && smem > granted[dev]) {",
                                      "exceed the 48 KiB default"),
+    # a failed cluster-occupancy query remembered as "cannot be placed"
+    "occupancy_error_cached": ("lce_rows_launch.h", "          warn_failed_occupancy_query_once(why, a.K);\n",
+                               "          warn_failed_occupancy_query_once(why, a.K);\n"
+                               "          placeable.emplace(key, false);\n", "STRATEGY after a failed occupancy query"),
 }
 OPTIM_MUTATIONS = {
     # 128-bit accesses whatever the alignment (a misaligned view in the batch)

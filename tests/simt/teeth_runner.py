@@ -38,19 +38,20 @@ class SimtLceCall(ctypes.Structure):  # simt_harness.h
     ]
 
 
-def run(lib, logits, target, weight, scale, eps, strategy, schedule, probs=None):
+def run(lib, logits, target, weight, scale, eps, strategy, schedule, probs=None, device="h100"):
+    """(loss, gradient, what the harness reports: the strategy executed and any warnings)."""
     lg = logits.clone()
     loss = torch.full((lg.shape[0],), float("nan"))
     c = SimtLceCall(lg.data_ptr(), target.data_ptr() if target.numel() else None,
                     weight.data_ptr() if weight is not None else None,
                     scale.data_ptr(), loss.data_ptr(), lg.shape[0], lg.shape[1], IGNORE, eps, 0.0, 0.0,
-                    0, 0, 0, 0, int(scale.numel() != 1), 0, 1, b"h100", strategy.encode(), schedule.encode(), 7,
+                    0, 0, 0, 0, int(scale.numel() != 1), 0, 1, device.encode(), strategy.encode(), schedule.encode(), 7,
                     probs.data_ptr() if probs is not None else None)
     msg = ctypes.create_string_buffer(1024)
     if lib.simt_lce_rows(ctypes.byref(c), msg, 1024) != 0:
         print("SIMT ERROR:", msg.value.decode(), flush=True)
         sys.exit(2)
-    return loss, lg
+    return loss, lg, msg.value.decode()
 
 
 def misaligned(q, elems):
@@ -91,8 +92,11 @@ def main():
         for strategy in strategies:
             first = None
             for schedule in ("forward", "reverse", "shuffle"):
-                loss, grad = run(lib, logits, target, weight, scale, eps, strategy, schedule, probs)
+                loss, grad, executed = run(lib, logits, target, weight, scale, eps, strategy, schedule, probs)
                 what = f"V={V} {strategy} {schedule}"
+                if executed != strategy:
+                    print(f"STRATEGY {what}: the launcher ran {executed!r}", flush=True)
+                    failures += 1
                 if not (torch.isfinite(loss).all() and torch.isfinite(grad).all()):
                     print(f"MISMATCH {what}: non-finite results", flush=True)
                     failures += 1
@@ -109,6 +113,14 @@ def main():
                 elif not (torch.equal(first[0], loss) and torch.equal(first[1], grad)):
                     print(f"MISMATCH {what}: differs from the forward schedule (order-dependent)", flush=True)
                     failures += 1
+    # a cluster-occupancy query that fails with an error ("h100-flaky": the first one in the
+    # process) is no answer: that launch falls back with a warning, the next one runs the cluster
+    logits, target, weight, scale = make_case(2, 4096 + 4, torch.float32, weights=True, seed=9)
+    runs = [run(lib, logits, target, weight, scale, 0.0, "cluster2-cached", "forward", device="h100-flaky")[2]
+            for _ in range(2)]
+    if not (runs[0].startswith("single-cached\nwarning:") and runs[1] == "cluster2-cached"):
+        print(f"STRATEGY after a failed occupancy query: {runs!r}", flush=True)
+        failures += 1
     print("OK" if failures == 0 else f"{failures} mismatch(es)", flush=True)
     sys.exit(1 if failures else 0)
 
