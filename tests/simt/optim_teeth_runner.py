@@ -46,6 +46,15 @@ def tensors(seed, positive=False):
     return out
 
 
+def copy(t):
+    """A copy at the same address mod 16 (a plain clone would be a fresh, aligned allocation)."""
+    off = (t.data_ptr() % 16) // t.element_size()
+    out = torch.empty(t.numel() + off, dtype=t.dtype)[off:]
+    out.copy_(t)
+    assert out.data_ptr() % 16 == t.data_ptr() % 16
+    return out
+
+
 def simt_step(lib, adam, lists, counters, schedule, **hyper):
     n = len(lists[0])
     ptrs = (ctypes.c_void_p * (len(lists) * n))(*[t.data_ptr() for lst in lists for t in lst])
@@ -71,8 +80,8 @@ def main():
         else:
             state = [tensors(5), tensors(6), tensors(7)]
             counters = [torch.zeros((), dtype=torch.uint8) for _ in range(4)]
-        cpu = ([[t.clone() for t in lst] for lst in state], [c.clone() for c in counters])
-        sims = {s: ([[t.clone() for t in lst] for lst in state], [c.clone() for c in counters]) for s in SCHEDULES}
+        cpu = ([[copy(t) for t in lst] for lst in state], [c.clone() for c in counters])
+        sims = {s: ([[copy(t) for t in lst] for lst in state], [c.clone() for c in counters]) for s in SCHEDULES}
         for step in range(2):
             lists, ctr = cpu
             if adam:
