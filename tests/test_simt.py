@@ -1,10 +1,13 @@
 """fastreg's CUDA kernels executed on the CPU: the unchanged source of csrc/cuda/*_kernels.cuh run
 by the SIMT runtime of tests/simt (every CUDA thread a fiber; barriers, warp shuffles, clusters
-and DSMEM emulated; out-of-bounds accesses trapped), launched by the real planner for an H100 or an
-A100 description or with a forced strategy, against fastreg's CPU kernels and a float64 reference.
+and DSMEM emulated; out-of-bounds accesses and misaligned vector accesses trapped), launched by the
+real host launch code (csrc/cuda/*_launch.h) over a CUDA-runtime layer with H100 and A100
+descriptions that applies the hardware's launch rules, with the automatic or a forced strategy,
+against fastreg's CPU kernels and a float64 reference. Every run executes under the forward,
+reversed and shuffled schedules and must give bit-identical results.
 
-What this proves and what it cannot: README, "The CUDA kernels in CI". The harness extension is
-built on first use (tests/simt/simt_build.py, cached in build/simt).
+What this proves and what it cannot: docs/cuda.md. The harness extension is built on first use
+(tests/simt/simt_build.py, cached in build/simt).
 """
 import collections
 import os
@@ -27,6 +30,7 @@ STRATEGIES = ["single-cached", "single-streaming"] + [
     f"cluster{k}-{m}" for k in (2, 4, 8) for m in ("cached", "streaming")
 ]
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SCHEDULES = ("forward", "reverse", "shuffle")
 EXECUTED = collections.Counter()  # strategy -> harness launches, printed at the end of the module
 
 
@@ -48,7 +52,7 @@ def simt(request):
 
 
 def _bits(t):
-    return t.contiguous().view(torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 # ---- row pass ------------------------------------------------------------------------------------
@@ -57,11 +61,21 @@ def simt_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, wr
     lg = logits.clone()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.full((logits.shape[0],), float("nan"), dtype=acc)
-    name = torch.ops.fastreg_simt._lce_rows(lg, target, weight, scale, IGNORE, eps, softcap, zloss, write_grad, loss,
-                                            device, strategy, schedule, seed)
+    name = _executed(torch.ops.fastreg_simt._lce_rows(lg, target, weight, scale, IGNORE, eps, softcap, zloss,
+                                                     write_grad, loss, device, strategy, schedule, seed))
+    return loss, lg, name
+
+
+WARNINGS = []  # the launcher's warnings, as the harness reported them
+
+
+def _executed(msg):
+    """The strategy a harness call executed (counted); its warnings go to WARNINGS."""
+    name, *warnings = msg.split("\n")
+    WARNINGS.extend(w.removeprefix("warning: ") for w in warnings)
     if name != "none":  # zero rows launch nothing
         EXECUTED[name] += 1
-    return loss, lg, name
+    return name
 
 
 def cpu_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True):
@@ -73,7 +87,7 @@ def cpu_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, wri
 
 
 def check_rows(logits, target, weight, scale, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, *,
-               device="h100", strategy="auto", schedules=("forward", "shuffle"), seed=0):
+               device="h100", strategy="auto", schedules=SCHEDULES, seed=0):
     """The harness result under each schedule: bit-identical across schedules, within the
     tolerances of tests/test_lce_cuda.py of the float64 reference and of the CPU kernel."""
     dtype = logits.dtype
@@ -146,8 +160,7 @@ def test_each_option(name, dtype):
 @pytest.mark.parametrize("V", [7, 4096 + 3])
 def test_every_strategy(strategy, dtype, V):
     logits, target, weight, scale = make_case(5, V, dtype, weights=True, ignore_frac=0.1, oob=True, seed=3)
-    name = check_rows(logits, target, weight, scale, eps=0.05, softcap=20.0, zloss=1e-4, strategy=strategy,
-                      schedules=("forward", "reverse", "shuffle"))
+    name = check_rows(logits, target, weight, scale, eps=0.05, softcap=20.0, zloss=1e-4, strategy=strategy)
     assert name == strategy
 
 
@@ -160,6 +173,47 @@ def test_rows_over_48k_shared_memory(dtype, V):
     assert check_rows(logits, target, weight, scale, eps=0.1, strategy="single-cached") == "single-cached"
 
 
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 12288), (torch.bfloat16, 24576), (torch.float64, 6000),
+                                     (torch.float32, 12012)], ids=str)
+@pytest.mark.parametrize("device,strategy", [("a100", "auto"), ("h100", "single-cached")])
+def test_shared_memory_just_under_48k(dtype, V, device, strategy):
+    """A row cache of (48 KiB - the kernel's static shared memory, 48 KiB] bytes: with the static
+    ~1.1 KiB (fp32) / ~2 KiB (fp64) the block needs more than 48 KiB, so the launcher must raise
+    cudaFuncAttributeMaxDynamicSharedMemorySize although the dynamic part alone fits 48 KiB."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stats = 56 if acc == torch.float64 else 32  # sizeof(Stats<acc>): the kernel's static smem is 35 of them
+    plan_text = torch.ops.fastreg_simt._lce_plan(device, 3, V, dtype, True, strategy)
+    smem = int(plan_text.split("smem=")[1])
+    assert plan_text.startswith("single-cached") and 48 * 1024 - 35 * stats < smem <= 48 * 1024, plan_text
+    logits, target, weight, scale = make_case(3, V, dtype, weights=True, seed=25)
+    assert check_rows(logits, target, weight, scale, eps=0.1, device=device, strategy=strategy) == "single-cached"
+
+
+def test_cluster_shared_memory_just_under_48k():
+    """The same window for a cluster: cudaOccupancyMaxActiveClusters rejects the configuration
+    unless the attribute was raised, which must not pass for "cannot be placed" (a silent fallback
+    to one CTA per row)."""
+    V = 24576  # fp32: a cluster of 2 caches 3072 vectors = 48 KiB per CTA
+    assert plan("h100", 4096, V, strategy="cluster2-cached") == "cluster2-cached"
+    logits, target, weight, scale = make_case(3, V, torch.float32, seed=26)
+    assert check_rows(logits, target, weight, scale, strategy="cluster2-cached") == "cluster2-cached"
+
+
+def test_failed_occupancy_query_is_not_an_answer():
+    """A cluster-occupancy query that fails with an error (device "h100-flaky": its first query in
+    the process) makes that launch fall back to one CTA per row, with one warning, and is asked
+    again next time: the second launch runs the cluster. Only answers are cached."""
+    V = 16384 + 5
+    assert plan("h100", 1, V) == "cluster8-cached"
+    logits, target, weight, scale = make_case(1, V, torch.float32, weights=True, seed=27)
+    WARNINGS.clear()
+    first = simt_rows(logits, target, weight, scale, device="h100-flaky")[2]
+    assert first == "single-cached"
+    assert len(WARNINGS) == 1 and "cudaOccupancyMaxActiveClusters failed" in WARNINGS[0], WARNINGS
+    assert check_rows(logits, target, weight, scale, device="h100-flaky") == "cluster8-cached"
+    assert len(WARNINGS) == 1, "warned more than once"
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_misaligned_rows(dtype):
     # a contiguous (rows, V) view one element past a 16-byte boundary: scalar heads and tails
@@ -169,15 +223,20 @@ def test_misaligned_rows(dtype):
     view = buf[1:].view(rows, V)
     view.copy_(logits)
     assert view.data_ptr() % 16 != 0
+    ref_loss, ref_grad = reference(logits, target, None, scale, IGNORE, 0.0, 0.0, 0.0, True)
     for strategy in ("auto", "cluster4-cached", "single-streaming"):
-        loss = torch.empty(rows)
-        view.copy_(logits)
-        name = torch.ops.fastreg_simt._lce_rows(view, target, None, scale, IGNORE, 0.0, 0.0, 0.0, True, loss, "h100",
-                                                strategy, "shuffle", 5)
-        EXECUTED[name] += 1
-        ref_loss, ref_grad = reference(logits, target, None, scale, IGNORE, 0.0, 0.0, 0.0, True)
-        assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
-        assert rel_err(view, ref_grad) <= GRAD_TOL[dtype]
+        first = None
+        for schedule in SCHEDULES:
+            loss = torch.empty(rows)
+            view.copy_(logits)
+            _executed(torch.ops.fastreg_simt._lce_rows(view, target, None, scale, IGNORE, 0.0, 0.0, 0.0, True, loss,
+                                                       "h100", strategy, schedule, 5))
+            assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
+            assert rel_err(view, ref_grad) <= GRAD_TOL[dtype]
+            if first is None:
+                first = (loss, view.clone())
+            else:
+                assert torch.equal(_bits(first[0]), _bits(loss)) and torch.equal(_bits(first[1]), _bits(view)), schedule
 
 
 def test_ignored_rows_never_read():
@@ -191,16 +250,18 @@ def test_ignored_rows_never_read():
     bad[::2] = True
     bad[1] = True
     for strategy in ("auto", "cluster2-streaming", "single-cached"):
-        loss, out, _ = simt_rows(logits, target, weight, scale, 0.1, strategy=strategy)
-        assert (loss[bad] == 0).all() and (out[bad] == 0).all()
-        assert torch.isfinite(loss).all() and torch.isfinite(out).all()
+        for schedule in SCHEDULES:
+            loss, out, _ = simt_rows(logits, target, weight, scale, 0.1, strategy=strategy, schedule=schedule)
+            assert (loss[bad] == 0).all() and (out[bad] == 0).all()
+            assert torch.isfinite(loss).all() and torch.isfinite(out).all()
 
 
 def test_int32_target_and_zero_rows():
     logits, target, weight, scale = make_case(17, 1000, torch.float32, ignore_frac=0.2, seed=6)
-    l64, o64, _ = simt_rows(logits, target, weight, scale, 0.1)
-    l32, o32, _ = simt_rows(logits, target.int(), weight, scale, 0.1)
-    assert torch.equal(l32, l64) and torch.equal(o32, o64)
+    for schedule in SCHEDULES:
+        l64, o64, _ = simt_rows(logits, target, weight, scale, 0.1, schedule=schedule)
+        l32, o32, _ = simt_rows(logits, target.int(), weight, scale, 0.1, schedule=schedule)
+        assert torch.equal(l32, l64) and torch.equal(o32, o64)
     empty = torch.empty(0, 5)
     assert simt_rows(empty, torch.empty(0, dtype=torch.int64), None, torch.ones(1))[2] == "none"
 
@@ -218,7 +279,10 @@ def test_nan_logits_propagate(strategy, dtype):
     logits[1, 2048:2048 + vec] = float("nan")          # the first pack of another CTA's / thread's slice
     logits[2, 512:512 + vec] = float("-inf")
     logits[2, 512 + vec] = float("nan")
-    loss, out, _ = simt_rows(logits, target, weight, scale, strategy=strategy)
+    runs = [simt_rows(logits, target, weight, scale, strategy=strategy, schedule=s) for s in SCHEDULES]
+    loss, out, _ = runs[0]
+    for l2, o2, _ in runs[1:]:
+        assert torch.equal(_bits(l2), _bits(loss)) and torch.equal(_bits(o2), _bits(out))
     loss_cpu, out_cpu = cpu_rows(logits, target, weight, scale)
     assert torch.isnan(loss[:3]).all() and torch.isnan(loss_cpu[:3]).all(), (loss, loss_cpu)
     assert torch.isnan(out[:3]).all() and torch.isnan(out_cpu[:3]).all()
@@ -229,10 +293,12 @@ def test_nan_logits_propagate(strategy, dtype):
 
 # ---- the optional arguments of _lce_rows (issue 11): against the CPU kernel ------------------------
 def both_rows(logits, target, weight, scale, *, eps=0.0, softcap=0.0, zloss=0.0, write_grad=True, probs=None,
-              zloss_scale=None, keep_shape=None, filter_eps=0.0, strategy="auto", schedule="shuffle"):
-    """(simt, cpu) results of the op with every optional output: (loss, logits/grad, lse, argmax, keep)."""
+              zloss_scale=None, keep_shape=None, filter_eps=0.0, strategy="auto", device="h100"):
+    """(simt, cpu) results of the op with every optional output: (loss, logits/grad, lse, argmax, keep).
+    The harness runs under every schedule, with bit-identical results (checked)."""
     out = []
-    for simt in (True, False):
+    for schedule in (*SCHEDULES, None):  # None: the CPU kernel
+        simt = schedule is not None
         rows = logits.shape[0]
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lg = logits.clone()
@@ -243,13 +309,15 @@ def both_rows(logits, target, weight, scale, *, eps=0.0, softcap=0.0, zloss=0.0,
         tgt = torch.empty(0, dtype=torch.int64) if probs is not None else target
         opt = (probs, zloss_scale, lse, am, filter_eps, keep)
         if simt:
-            name = torch.ops.fastreg_simt._lce_rows(lg, tgt, weight, scale, IGNORE, eps, softcap, zloss, write_grad,
-                                                    loss, "h100", strategy, schedule, 3, *opt)
-            EXECUTED[name] += 1
+            _executed(torch.ops.fastreg_simt._lce_rows(lg, tgt, weight, scale, IGNORE, eps, softcap, zloss,
+                                                       write_grad, loss, device, strategy, schedule, 3, *opt))
         else:
             CPU._lce_rows(lg, tgt, weight, scale, IGNORE, eps, softcap, zloss, write_grad, loss, *opt)
         out.append((loss, lg, lse, am, keep))
-    return out
+    for other, schedule in zip(out[1:len(SCHEDULES)], SCHEDULES[1:]):
+        for a, b in zip(out[0], other):
+            assert a is None or torch.equal(_bits(a), _bits(b)), f"the {schedule} schedule gives other bits"
+    return out[0], out[-1]
 
 
 def close(a, b, dtype):
@@ -280,13 +348,21 @@ def test_stats_zloss_scale_and_softcap_match_cpu(dtype, strategy, V):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("strategy", ["cluster4-cached", "single-streaming"])
-def test_probability_targets_match_cpu(dtype, strategy):
+@pytest.mark.parametrize("strategy", ["auto", "cluster4-cached", "single-streaming"])
+@pytest.mark.parametrize("offset", [0, 1, 3 * 1003], ids=["aligned", "view", "chunk"])
+def test_probability_targets_match_cpu(dtype, strategy, offset):
+    """offset > 0: the probabilities in a (rows, V) view `offset` elements into a larger buffer
+    (a user's probs[1:], or the chunk c0 = 3 of a probs tensor), so their rows start at another
+    address mod 16 than the logits' rows: a 16-byte load there faults on a GPU
+    (cudaErrorMisalignedAddress); the kernel reads those rows column by column."""
     rows, V = 5, 1000 + 3
     logits, _, weight, scale = make_case(rows, V, dtype, weights=True, seed=22)
     q = torch.rand(rows, V, dtype=torch.float64) ** 3
     q[:3] /= q[:3].sum(1, keepdim=True)  # rows 3, 4 do not sum to 1
-    probs = q.to(dtype)
+    buf = torch.empty(rows * V + offset, dtype=dtype)
+    probs = buf[offset:].view(rows, V)
+    probs.copy_(q.to(dtype))
+    assert ((probs.data_ptr() - logits.data_ptr()) % 16 != 0) == (offset > 0)
     (l1, g1, lse1, am1, _), (l0, g0, lse0, am0, _) = both_rows(
         logits, None, weight, scale, eps=0.2, zloss=1e-3, probs=probs, strategy=strategy)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -357,8 +433,7 @@ def test_cluster_that_cannot_be_placed_falls_back(V, fallback):
     only if the whole row fits."""
     logits, target, weight, scale = make_case(1, V, torch.float32, weights=True, seed=13)
     assert plan("h100", 1, V) == "cluster8-cached"
-    assert check_rows(logits, target, weight, scale, eps=0.1, device="h100-unplaceable",
-                      schedules=("reverse",)) == fallback
+    assert check_rows(logits, target, weight, scale, eps=0.1, device="h100-unplaceable") == fallback
 
 
 def _reachable_strategies():
@@ -384,8 +459,7 @@ def test_every_planned_strategy_executed():
     assert {"single-cached", "single-streaming", "cluster8-cached", "cluster8-streaming"} <= set(reachable)
     for name, (_, device, rows, V, dtype, write_grad) in sorted(reachable.items()):
         logits, target, weight, scale = make_case(rows, V, dtype, weights=True, seed=12)
-        got = check_rows(logits, target, weight, scale, eps=0.1, write_grad=write_grad, device=device,
-                         schedules=("shuffle",))
+        got = check_rows(logits, target, weight, scale, eps=0.1, write_grad=write_grad, device=device)
         assert got == name
     missing = set(reachable) - set(EXECUTED)
     assert not missing, f"planned but never executed: {missing}"
@@ -440,11 +514,23 @@ def _clone(args):
             for k, v in args.items()}
 
 
-def _run_both(op_name, args, schedule="shuffle", seed=0):
-    """The same step through the CPU kernel and the harness, on copies; returns (cpu, simt, msg)."""
-    cpu, sim = _clone(args), _clone(args)
+def _run_both(op_name, args, seed=0):
+    """The same step through the CPU kernel and the harness (under every schedule, with
+    bit-identical results), on copies; returns (cpu, simt, msg)."""
+    cpu = _clone(args)
     getattr(CPU, op_name)(**cpu)
-    msg = getattr(torch.ops.fastreg_simt, op_name)(**sim, schedule=schedule, seed=seed)
+    runs = []
+    for schedule in SCHEDULES:
+        sim = _clone(args)
+        msg = getattr(torch.ops.fastreg_simt, op_name)(**sim, schedule=schedule, seed=seed)
+        runs.append((sim, msg))
+    sim, msg = runs[0]
+    for (other, msg2), schedule in zip(runs[1:], SCHEDULES[1:]):
+        assert msg2 == msg
+        for key, v in sim.items():
+            if isinstance(v, list):
+                assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(v, other[key])), \
+                    f"{key}: the {schedule} schedule gives other bits"
     return cpu, sim, msg
 
 
@@ -518,7 +604,7 @@ def test_more_tensors_than_one_launch():
     _compare(cpu, sim, torch.float32, ["params", "exp_avgs", "exp_avg_sqs", "state_steps"])
     shapes = [(3,)] * (2 * cap3 + 1)
     args = _sgd_args(torch.bfloat16, 0.9, shapes=shapes, seed=4)
-    cpu, sim, msg = _run_both("_fused_sgd_", args, schedule="reverse")
+    cpu, sim, msg = _run_both("_fused_sgd_", args)
     assert msg == f"launches=3 batches={cap3},{cap3},1"
     _compare(cpu, sim, torch.bfloat16, ["params", "momentum_buffers", "momentum_started"])
 
@@ -559,19 +645,54 @@ def test_found_inf_skips_everything(found):
     assert float(sim["state_steps"][0]) == float(args["state_steps"][0]) + 1
 
 
-# ---- teeth: the harness catches broken kernels ----------------------------------------------------
-MUTATIONS = {
+# ---- teeth: the harness catches broken kernels and launchers --------------------------------------
+# name -> (file under csrc/cuda, original text, mutated text, expected in the runner's output)
+ROW_MUTATIONS = {
     # the barrier between the per-warp partials and their reduction by warp 0
-    "removed_syncthreads": ("  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n",
+    "removed_syncthreads": ("lce_rows_kernels.cuh", "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n",
                             "  if (lane == 0) scratch[warp] = v;\n", "MISMATCH"),
     # pass 1 reads one logit past the row's tail
-    "tail_off_by_one": ("    if (last && tid < V - sp.tail_start) scalar_element(sp.tail_start + tid);",
+    "tail_off_by_one": ("lce_rows_kernels.cuh",
+                        "    if (last && tid < V - sp.tail_start) scalar_element(sp.tail_start + tid);",
                         "    if (last && tid <= V - sp.tail_start) scalar_element(sp.tail_start + tid);",
                         "out-of-bounds access 0 byte(s) past the end of buffer"),
     # the sum-exp partial exchanged with the wrong lane
-    "wrong_shuffle_offset": ("o.s = __shfl_xor_sync(0xffffffffu, v.s, off);",
+    "wrong_shuffle_offset": ("lce_rows_kernels.cuh", "o.s = __shfl_xor_sync(0xffffffffu, v.s, off);",
                              "o.s = __shfl_xor_sync(0xffffffffu, v.s, off >> 1);", "MISMATCH"),
+    # probabilities read as 16-byte packs although their rows are not aligned like the logits'
+    "misaligned_probs_pack_load": ("lce_rows_kernels.cuh", "            if (q_vectors) {",
+                                   "            if (soft) {",
+                                   "misaligned 16-byte vector load at byte offset"),
+    # the shared-memory limit raised only for dynamic sizes over 48 KiB (ignoring the static part)
+    "smem_attribute_only_over_48k": ("lce_rows_launch.h", "    if (smem > granted[dev]) {",
+                                     "    if (smem > 48 * 1024 && smem > granted[dev]) {",
+                                     "exceed the 48 KiB default"),
+    # a failed cluster-occupancy query remembered as "cannot be placed"
+    "occupancy_error_cached": ("lce_rows_launch.h", "          warn_failed_occupancy_query_once(why, a.K);\n",
+                               "          warn_failed_occupancy_query_once(why, a.K);\n"
+                               "          placeable.emplace(key, false);\n", "STRATEGY after a failed occupancy query"),
 }
+OPTIM_MUTATIONS = {
+    # 128-bit accesses whatever the alignment (a misaligned view in the batch)
+    "vector_path_ignores_alignment": ("optim_kernels.cuh", "  int64_t done = 0;\n  if (bits % 16 == 0) {\n"
+                                      "    const int64_t nvec = len / kVec;\n    for (int64_t v = threadIdx.x; v < nvec;"
+                                      " v += blockDim.x) {\n      uint4 raw[kLists];",
+                                      "  int64_t done = 0;\n  if (true) {\n    const int64_t nvec = len / kVec;\n"
+                                      "    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {\n"
+                                      "      uint4 raw[kLists];", "misaligned 16-byte vector"),
+    # a CTA finds the wrong tensor for its chunk
+    "locate_off_by_one": ("optim_kernels.cuh", "    if (b.chunk_end[mid] > block) {",
+                          "    if (b.chunk_end[mid] >= block) {", "MISMATCH"),
+    # Adam's bias correction with the step before this one
+    "adam_stale_step": ("optim_kernels.cuh", "a.batch.counter[t]) + 1.0f;  // epilogue stores it",
+                        "a.batch.counter[t]) + 0.0f;  // epilogue stores it", "MISMATCH"),
+    # the scalar path skips every other element of a thread's stride
+    "scalar_path_stride": ("optim_kernels.cuh",
+                           "  for (int64_t i = done + threadIdx.x; i < len; i += blockDim.x) {\n    M x[kLists];",
+                           "  for (int64_t i = done + threadIdx.x; i < len; i += 2 * blockDim.x) {\n    M x[kLists];",
+                           "MISMATCH"),
+}
+MUTATIONS = {**ROW_MUTATIONS, **OPTIM_MUTATIONS}
 
 
 def _kernel_tree(tmp, mutation=None):
@@ -580,39 +701,45 @@ def _kernel_tree(tmp, mutation=None):
     csrc = os.path.join(tmp, "csrc")
     shutil.copytree(os.path.join(root, "csrc"), csrc)
     if mutation is not None:
-        path = os.path.join(csrc, "cuda", "lce_rows_kernels.cuh")
+        file, old, new, _ = MUTATIONS[mutation]
+        path = os.path.join(csrc, "cuda", file)
         src = open(path).read()
-        old, new, _ = MUTATIONS[mutation]
-        assert src.count(old) == 1, f"mutation {mutation}: the kernel source changed, update the test"
+        assert src.count(old) == 1, f"mutation {mutation}: the source changed, update the test"
         open(path, "w").write(src.replace(old, new))
     return csrc
 
 
-def _run_teeth(lib):
+def _run_teeth(lib, runner):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, os.path.join(HERE, "simt", "teeth_runner.py"), lib], env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, os.path.join(HERE, "simt", runner), lib], env=env,
+                          capture_output=True, text=True, timeout=400)
 
 
-def test_teeth():
-    """Each mutation of a copy of the kernel source is caught; the unchanged copy passes."""
+@pytest.mark.parametrize("kind", ["rows", "optim"])
+def test_teeth(kind):
+    """Each mutation of a copy of the kernel/launcher source is caught by the runner (the row pass:
+    teeth_runner.py; the optimizers: optim_teeth_runner.py); the unchanged copy passes."""
     from concurrent.futures import ThreadPoolExecutor
+    mutations = ROW_MUTATIONS if kind == "rows" else OPTIM_MUTATIONS
+    harness, runner = (("lce_rows_simt.cpp", "teeth_runner.py") if kind == "rows"
+                       else ("optim_simt.cpp", "optim_teeth_runner.py"))
     with tempfile.TemporaryDirectory(prefix="fastreg-simt-teeth-") as tmp:
-        names = [None] + list(MUTATIONS)
+        names = [None] + list(mutations)
         runtime = simt_build.build_runtime_object(tmp)
 
         def build_and_run(name):
             d = os.path.join(tmp, name or "control")
             os.makedirs(d)
-            return _run_teeth(simt_build.build_kernel_library(_kernel_tree(d, name), d, runtime))
+            lib = simt_build.build_kernel_library(_kernel_tree(d, name), d, runtime, harness=harness)
+            return _run_teeth(lib, runner)
 
         with ThreadPoolExecutor(max_workers=2) as pool:
             runs = dict(zip(names, pool.map(build_and_run, names)))
         control = runs[None]
         assert control.returncode == 0 and "OK" in control.stdout, control.stdout + control.stderr
-        for name in MUTATIONS:
+        for name in mutations:
             r = runs[name]
-            expected = MUTATIONS[name][2]
+            expected = mutations[name][3]
             assert r.returncode != 0, f"{name}: the harness passed a broken kernel\n{r.stdout}{r.stderr}"
             assert expected in r.stdout + r.stderr, f"{name}: {r.returncode}\n{r.stdout}{r.stderr}"
 
@@ -625,7 +752,36 @@ ERRORS = {
     "cluster_block_exits": "cluster.sync() is not reached by every block",
     "traps": "__trap() called by thread (3,0,0)",
     "dynamic_smem_overrun": "out-of-bounds write 0 byte(s) past the end of buffer 'dynamic shared memory'",
+    "misaligned_vector_load": "misaligned 16-byte vector load at byte offset 4 of buffer 'vector_buffer'",
 }
+
+
+LAUNCH_RULES = {  # case -> the error the SIMT CUDA runtime must give (None: the launch runs)
+    "smem_default_limit": "exceed the 48 KiB default",
+    "smem_default_fits": None,
+    "smem_raised": None,
+    "smem_raised_too_little": "exceed the raised cudaFuncAttributeMaxDynamicSharedMemorySize of 50000",
+    "smem_over_optin": "exceeds the opt-in maximum of 166912",
+    "raised_on_other_device": "exceed the 48 KiB default",
+    "block_over_launch_bounds": "exceeds its __launch_bounds__ of 128",
+    "block_over_1024": "a block of 2048 threads",
+    "grid_y_over_limit": "outside the limits",
+    "cluster_of_16": "(non-portable sizes not allowed)",
+    "cluster_of_16_non_portable": None,
+    "cluster_on_a100": "thread-block clusters need sm_90",
+    "grid_not_cluster_multiple": "is not a multiple of the cluster size 4",
+    "stream_of_other_device": "the stream belongs to device 1",
+}
+
+
+@pytest.mark.parametrize("case", list(LAUNCH_RULES))
+def test_runtime_applies_the_launch_rules(case):
+    msg = torch.ops.fastreg_simt._launch_rule(case)
+    want = LAUNCH_RULES[case]
+    if want is None:
+        assert msg.startswith("out="), msg
+    else:
+        assert msg.startswith("error:") and want in msg, msg
 
 
 @pytest.mark.parametrize("name", list(ERRORS))

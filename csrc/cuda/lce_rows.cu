@@ -1,9 +1,10 @@
 // CUDA kernel of the internal operator fastreg::_lce_rows (schema and semantics: csrc/fastreg.cpp;
 // per-row formulas: csrc/lce/lce_math.h, shared with the CPU pass csrc/lce/lce_cpu.cpp).
 //
-// Files: the kernel (device code) is csrc/cuda/lce_rows_kernels.cuh and the launch plan
-// csrc/cuda/lce_rows_plan.h, both shared with the CPU SIMT harness of tests/simt that executes
-// them in CI; this file queries the device, checks the tensors and launches.
+// Files: the kernel (device code) is csrc/cuda/lce_rows_kernels.cuh, the launch plan
+// csrc/cuda/lce_rows_plan.h and the host launch code csrc/cuda/lce_rows_launch.h, all shared with
+// the CPU SIMT harness of tests/simt that executes them in CI; this file checks the tensors and
+// hands them to the launcher with the current stream.
 //
 // Built against the LibTorch stable ABI only (no ATen CUDA headers): tensors are
 // torch::stable::Tensor, the current stream comes from aoti_torch_get_current_cuda_stream.
@@ -31,8 +32,8 @@
 // whose slice fits 96 KiB of shared memory (2 CTAs per SM), else the opt-in maximum; rows that do
 // not fit even then (or sm_80 rows over ~160 KiB) stream. With few rows (rows * K < 2 * SMs), K
 // grows further while each CTA keeps >= 512 vectors. A cluster that cannot be placed
-// (cudaOccupancyMaxActiveClusters == 0, asked once per configuration) falls back to one CTA per
-// row. FASTREG_LCE_ROWS_MODE (stream | nocluster | single, read once per process) forces a
+// (cudaOccupancyMaxActiveClusters == 0, asked once per configuration; a failed query is not an
+// answer: lce_rows_launch.h) falls back to one CTA per row. FASTREG_LCE_ROWS_MODE (stream | nocluster | single, read once per process) forces a
 // strategy, for tests and benchmarks.
 // Rows need not be 16-byte aligned (odd V): each row has a scalar head up to the first 16-byte
 // boundary and a scalar tail; the vector body in between is split among the K CTAs.
@@ -62,7 +63,6 @@
 // The softcap is lce_math.h's softcap_tanh and its derivative softcap_grad_from_input (from the raw
 // logit, precise where tanh saturates), as in the CPU kernel.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/macros.h>
 #include <torch/csrc/stable/ops.h>
@@ -70,14 +70,9 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <initializer_list>
-#include <map>
-#include <mutex>
 #include <optional>
-#include <tuple>
 
-#include "cuda/lce_rows_kernels.cuh"
-#include "cuda/lce_rows_plan.h"
+#include "cuda/lce_rows_launch.h"
 
 namespace fastreg {
 namespace lce_cuda {
@@ -86,146 +81,14 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 // ---------------------------------------------------------------------------------------------
-// Host side
-
-inline void cuda_check(cudaError_t e) { STD_CUDA_CHECK(e); }
-
-// The device description of the planner (lce_rows_plan.h), queried once per device.
-const DeviceDesc& device_desc(int dev) {
-  static std::mutex mu;
-  static DeviceDesc cache[64];
-  static bool filled[64] = {};
-  STD_TORCH_CHECK(dev >= 0 && dev < 64, "fastreg::_lce_rows: unsupported CUDA device index ", dev);
-  std::lock_guard<std::mutex> lock(mu);
-  if (!filled[dev]) {
-    DeviceDesc d;
-    int cl = 0, major = 0, minor = 0, optin = 0;
-    cuda_check(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-    cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-    cuda_check(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, dev));
-    d.smem_optin = optin;
-    d.cc = major * 10 + minor;
-    d.clusters = cl != 0 && major >= 9;
-    cache[dev] = d;
-    filled[dev] = true;
-  }
-  return cache[dev];
-}
+// Host side: the launch code is lce_rows_launch.h (shared with the SIMT harness); this file checks
+// the tensors and picks the stream.
 
 // FASTREG_LCE_ROWS_MODE (stream | nocluster | single) forces a strategy for tests and benchmarks.
 // Read once per process: no getenv on the per-chunk path.
 const RowPolicy& env_policy() {
   static const RowPolicy p = policy_from_mode(std::getenv("FASTREG_LCE_ROWS_MODE"));
   return p;
-}
-
-// Per-launch-configuration facts, computed once and cached: whether the dynamic shared-memory
-// limit has been raised far enough, and whether a cluster configuration can be resident at all
-// (cudaOccupancyMaxActiveClusters). Both are host queries/attributes, fine during graph capture,
-// but not free: cached per (kernel, device, K, threads, shared memory).
-struct LaunchKey {
-  const void* kernel;
-  int dev, K, threads;
-  size_t smem;
-  bool operator<(const LaunchKey& o) const {
-    return std::tie(kernel, dev, K, threads, smem) < std::tie(o.kernel, o.dev, o.K, o.threads, o.smem);
-  }
-};
-
-template <typename T, bool CACHED, bool CLUSTER>
-bool launch_variant(const RowArgs& a, int dev, cudaStream_t stream, int threads, size_t smem) {
-  auto kernel = lce_rows_kernel<T, CACHED, CLUSTER>;
-  static std::mutex mu;
-  static std::map<LaunchKey, bool> placeable;  // per configuration: can it be launched?
-  static int granted[64] = {};                 // per device: the dynamic smem limit set so far
-  const unsigned int grid = static_cast<unsigned int>(a.rows * (CLUSTER ? a.K : 1));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid, 1, 1);
-  cfg.blockDim = dim3(threads, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned int>(a.K);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = CLUSTER ? 1 : 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (smem > 48 * 1024 && static_cast<int>(smem) > granted[dev]) {
-      // a function attribute, not stream work: fine during CUDA-graph capture
-      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      granted[dev] = static_cast<int>(smem);
-    }
-    if constexpr (CLUSTER) {
-      const LaunchKey key{reinterpret_cast<const void*>(kernel), dev, a.K, threads, smem};
-      auto it = placeable.find(key);
-      if (it == placeable.end()) {
-        // Ask once whether such clusters can be resident at all (no stream work, no sync), so
-        // that an impossible configuration falls back instead of failing the launch.
-        int max_clusters = 0;
-        const bool ok = cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg) == cudaSuccess && max_clusters > 0;
-        if (!ok) (void)cudaGetLastError();  // clear the query's error, if any
-        it = placeable.emplace(key, ok).first;
-      }
-      if (!it->second) return false;
-    }
-  }
-  if constexpr (CLUSTER) {
-    cuda_check(cudaLaunchKernelEx(&cfg, kernel, a));
-  } else {
-    kernel<<<grid, threads, smem, stream>>>(a);
-  }
-  STD_CUDA_KERNEL_LAUNCH_CHECK();
-  return true;
-}
-
-// Whether the cluster variants of the kernel hold real sm_90+ code on this device. A build without
-// sm_90 SASS runs JIT-compiled compute_8x PTX on an H100, where those variants are only __trap().
-template <typename T>
-bool cluster_code_present(int dev) {
-  static std::mutex mu;
-  static int8_t cache[64] = {};  // 0 unknown, 1 yes, -1 no
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache[dev] == 0) {
-    bool ok = true;
-    for (const void* k : {reinterpret_cast<const void*>(lce_rows_kernel<T, true, true>),
-                          reinterpret_cast<const void*>(lce_rows_kernel<T, false, true>)}) {
-      cudaFuncAttributes fa{};
-      if (cudaFuncGetAttributes(&fa, k) != cudaSuccess) {
-        (void)cudaGetLastError();
-        ok = false;
-      } else {
-        ok = ok && fa.ptxVersion >= 90;
-      }
-    }
-    cache[dev] = ok ? 1 : -1;
-  }
-  return cache[dev] > 0;
-}
-
-template <typename T>
-void launch_rows(RowArgs a, int dev, cudaStream_t stream) {
-  constexpr int VEC = Pack<T>::N;
-  DeviceDesc d = device_desc(dev);
-  if (d.clusters && !cluster_code_present<T>(dev)) d.clusters = false;
-  const int64_t nvec = a.V / VEC;  // upper bound on any row's vector count
-  const RowPlan p = plan_rows(d, a.rows, nvec, a.write_grad, row_static_smem<T>(), env_policy());
-  a.K = p.K;
-  bool done = false;
-  if (p.K > 1) {
-    done = p.cached ? launch_variant<T, true, true>(a, dev, stream, p.threads, static_cast<size_t>(p.smem))
-                    : launch_variant<T, false, true>(a, dev, stream, p.threads, 0);
-  }
-  if (!done) {  // single CTA per row (also the fallback when clusters cannot be placed)
-    const RowPlan f = p.K > 1 ? single_cta_fallback(d, p, nvec, row_static_smem<T>()) : p;
-    a.K = 1;
-    f.cached ? launch_variant<T, true, false>(a, dev, stream, f.threads, static_cast<size_t>(f.smem))
-             : launch_variant<T, false, false>(a, dev, stream, f.threads, 0);
-  }
 }
 
 inline bool is_real(ScalarType s) { return s == ScalarType::Float || s == ScalarType::Double; }
@@ -352,23 +215,22 @@ void lce_rows_cuda(Tensor logits, Tensor target, std::optional<Tensor> class_wei
   a.loss_f64 = loss_rows.scalar_type() == ScalarType::Double;
   a.write_grad = write_grad;
 
-  torch::stable::accelerator::DeviceGuard guard(dev);
   void* stream_ptr = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &stream_ptr));
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
 
   switch (logits.scalar_type()) {
     case ScalarType::Float:
-      launch_rows<float>(a, dev, stream);
+      launch_rows<float>(a, dev, stream, env_policy());
       break;
     case ScalarType::BFloat16:
-      launch_rows<__nv_bfloat16>(a, dev, stream);
+      launch_rows<__nv_bfloat16>(a, dev, stream, env_policy());
       break;
     case ScalarType::Half:
-      launch_rows<__half>(a, dev, stream);
+      launch_rows<__half>(a, dev, stream, env_policy());
       break;
     case ScalarType::Double:
-      launch_rows<double>(a, dev, stream);
+      launch_rows<double>(a, dev, stream, env_policy());
       break;
     default:
       STD_TORCH_CHECK(false, "fastreg::_lce_rows: logits must be float32, bfloat16, float16 or float64");

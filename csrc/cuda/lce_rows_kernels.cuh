@@ -43,7 +43,7 @@ struct alignas(16) Pack {
 
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* p) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint4 raw = vector_load<uint4>(p);
   Pack<T> out;
   memcpy(&out, &raw, 16);
   return out;
@@ -53,7 +53,7 @@ template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {
   uint4 raw;
   memcpy(&raw, &pk, 16);
-  *reinterpret_cast<uint4*>(p) = raw;
+  vector_store(p, raw);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -349,7 +349,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
     const void* wptr = args.weight;
     const bool wf64 = args.weight_f64;
     auto weight_at = [&](int64_t c) -> A { return wptr ? load_real<A>(wptr, wf64, c) : A(1); };
-    const T* qrow = soft ? static_cast<const T*>(args.probs) + r * V : nullptr;  // same alignment as row
+    const T* qrow = soft ? static_cast<const T*>(args.probs) + r * V : nullptr;
+    // The vector body is aligned for the logits row; the probabilities share that alignment only
+    // when both rows start at the same address mod 16 (not so for a chunk of probs at an odd
+    // element offset, or a user's probs[1:] view): otherwise their columns are read one by one.
+    const bool q_vectors = soft && (reinterpret_cast<uintptr_t>(qrow) & 15) == (reinterpret_cast<uintptr_t>(row) & 15);
     const A inv_v = A(1) / static_cast<A>(V);
     // w_c q'_c of a probability target (lce_math.h)
     auto wq_of = [&](A q, int64_t c) -> A { return weight_at(c) * fastreg::lce_smoothed_prob(q, eps, inv_v); };
@@ -383,7 +387,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) lce_rows_kernel(const
             wq[i] = A(0);
           }
           if (soft) {
-            const Pack<T> qp = load_pack(qrow + c0);
+            Pack<T> qp;
+            if (q_vectors) {
+              qp = load_pack(qrow + c0);
+            } else {
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) qp.v[i] = qrow[c0 + i];
+            }
 #pragma unroll
             for (int i = 0; i < VEC; ++i) wq[i] = wq_of(to_acc(qp.v[i]), c0 + i);
           }

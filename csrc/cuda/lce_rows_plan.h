@@ -25,9 +25,6 @@ struct DeviceDesc {
   bool clusters = false;   // cluster launch supported (and the cluster kernels hold sm_90+ code)
 };
 
-inline DeviceDesc h100_desc() { return DeviceDesc{132, 232448, 90, true}; }
-inline DeviceDesc a100_desc() { return DeviceDesc{108, 166912, 80, false}; }
-
 // Restrictions of the automatic choice. force_k > 0 / force_cached >= 0 pin K / the mode outright
 // (the caller makes sure the forced plan is launchable, e.g. a cluster only on sm_90).
 struct RowPolicy {

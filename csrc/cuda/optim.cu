@@ -5,8 +5,9 @@
 // Built against the LibTorch stable ABI only (no ATen CUDA headers): tensors are
 // torch::stable::Tensor, the current stream comes from aoti_torch_get_current_cuda_stream.
 //
-// The kernels and the launch plan live in csrc/cuda/optim_kernels.cuh (shared with the CPU SIMT
-// harness of tests/simt); this file checks the tensors and launches.
+// The kernels and the launch plan live in csrc/cuda/optim_kernels.cuh, the host launch code in
+// csrc/cuda/optim_launch.h (all shared with the CPU SIMT harness of tests/simt); this file checks
+// and groups the tensors and hands them to the launcher with the current stream.
 //
 // Design: multi-tensor apply
 // --------------------------
@@ -28,7 +29,6 @@
 // on the device, the counters live on the device; when found_inf is nonzero both kernels return
 // before writing anything, so a skipped step changes nothing at all.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/macros.h>
 #include <torch/csrc/stable/ops.h>
@@ -41,7 +41,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/optim_kernels.cuh"
+#include "cuda/optim_launch.h"
 
 namespace fastreg {
 namespace optim_cuda {
@@ -218,20 +218,14 @@ std::vector<void*> counter_pointers(const char* op, const char* name, const std:
   return out;
 }
 
-void check_launch(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  STD_TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-// Launches `main` over the group in batches (for_each_launch, optim_kernels.cuh), each followed by
-// `epilogue` over the batch's counters (when the operator has counters).
-// `extra`, in the bf16 modes: the per-tensor pointers of the kernels' last list when it is not a list
-// of the group (SGD's stochastic-rounding step counters).
+// Launches `main` over the group in batches, each followed by `epilogue` over the batch's counters
+// (when the operator has counters): launch_group (optim_launch.h), on the group's device and the
+// current stream. `extra`, in the bf16 modes: the per-tensor pointers of the kernels' last list
+// when it is not a list of the group (SGD's stochastic-rounding step counters).
 template <int kLists, typename Hyper, typename MainKernel, typename EpilogueKernel>
 void launch_batches(const char* op, const Group& g, const std::vector<void*>* counters, const Hyper& h,
                     const DeviceScalars& sc, MainKernel main, EpilogueKernel epilogue, uint64_t sr_seed = 0,
                     const std::vector<void*>* extra = nullptr) {
-  torch::stable::accelerator::DeviceGuard guard(g.device());
   void* stream_ptr = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(g.device(), &stream_ptr));
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
@@ -239,23 +233,12 @@ void launch_batches(const char* op, const Group& g, const std::vector<void*>* co
     STD_TORCH_CHECK((g.at(0, i).numel() + kChunk - 1) / kChunk < kMaxChunksPerLaunch, op, ": tensor ", i,
                     " is too large");
   }
-  for_each_launch<kLists>(
-      g.size(),
+  launch_group<kLists>(
+      op, g.device(), stream, g.size(),
       [&](int l, int64_t i) {
         return extra != nullptr && l == kLists - 1 ? (*extra)[i] : g.at(l, i).mutable_data_ptr();
       },
-      [&](int64_t i) { return g.at(0, i).numel(); }, counters, h, sc,
-      [&](const Args<kLists, Hyper>& args, int32_t chunks) {
-        if (chunks > 0) {
-          main<<<chunks, kThreads, 0, stream>>>(args);
-          check_launch(op);
-        }
-        if (counters != nullptr) {
-          epilogue<<<epilogue_blocks(args.batch.count), kThreads, 0, stream>>>(args);
-          check_launch(op);
-        }
-      },
-      sr_seed);
+      [&](int64_t i) { return g.at(0, i).numel(); }, counters, h, sc, main, epilogue, sr_seed);
 }
 
 // Runs f(S()) with S = the CUDA storage type of dtype.

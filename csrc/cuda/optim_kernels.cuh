@@ -131,7 +131,7 @@ __device__ __forceinline__ void apply_chunk(S* const (&ptr)[kLists], int64_t len
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       uint4 raw[kLists];
 #pragma unroll
-      for (int l = 0; l < kLists; ++l) raw[l] = reinterpret_cast<const uint4*>(ptr[l])[v];
+      for (int l = 0; l < kLists; ++l) raw[l] = vector_load<uint4>(reinterpret_cast<const uint4*>(ptr[l]) + v);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
         M x[kLists];
@@ -145,7 +145,7 @@ __device__ __forceinline__ void apply_chunk(S* const (&ptr)[kLists], int64_t len
       }
 #pragma unroll
       for (int l = 0; l < kLists; ++l) {
-        if (kWritten & (1u << l)) reinterpret_cast<uint4*>(ptr[l])[v] = raw[l];
+        if (kWritten & (1u << l)) vector_store(reinterpret_cast<uint4*>(ptr[l]) + v, raw[l]);
       }
     }
     done = nvec * kVec;
@@ -190,12 +190,12 @@ __device__ __forceinline__ void apply_chunk_mode(S* const (&ptr)[kElem], float* 
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       uint4 raw[kElem];
 #pragma unroll
-      for (int l = kMaster ? 1 : 0; l < kElem; ++l) raw[l] = reinterpret_cast<const uint4*>(ptr[l])[v];
+      for (int l = kMaster ? 1 : 0; l < kElem; ++l) raw[l] = vector_load<uint4>(reinterpret_cast<const uint4*>(ptr[l]) + v);
       uint4 master_raw[2];
       optim::Philox4 r{};
       if (kMaster) {
-        master_raw[0] = reinterpret_cast<const uint4*>(master)[2 * v];
-        master_raw[1] = reinterpret_cast<const uint4*>(master)[2 * v + 1];
+        master_raw[0] = vector_load<uint4>(reinterpret_cast<const uint4*>(master) + 2 * v);
+        master_raw[1] = vector_load<uint4>(reinterpret_cast<const uint4*>(master) + 2 * v + 1);
       } else {
         r = optim::sr_block(key.seed, key.step, key.tensor, static_cast<uint64_t>(first + v * kVec) / kVec);
       }
@@ -219,11 +219,11 @@ __device__ __forceinline__ void apply_chunk_mode(S* const (&ptr)[kElem], float* 
       }
 #pragma unroll
       for (int l = 0; l < kElem; ++l) {
-        if (l == 0 || (kWritten & (1u << l))) reinterpret_cast<uint4*>(ptr[l])[v] = raw[l];
+        if (l == 0 || (kWritten & (1u << l))) vector_store(reinterpret_cast<uint4*>(ptr[l]) + v, raw[l]);
       }
       if (kMaster) {
-        reinterpret_cast<uint4*>(master)[2 * v] = master_raw[0];
-        reinterpret_cast<uint4*>(master)[2 * v + 1] = master_raw[1];
+        vector_store(reinterpret_cast<uint4*>(master) + 2 * v, master_raw[0]);
+        vector_store(reinterpret_cast<uint4*>(master) + 2 * v + 1, master_raw[1]);
       }
     }
     done = nvec * kVec;

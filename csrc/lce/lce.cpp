@@ -243,6 +243,26 @@ struct ChunkRows {
 // grad_W[t_i] += val_i * x_i over the active rows i, on CPU: the rows are grouped by target and
 // each target's rows summed in the accumulate dtype, then added to grad_W once (one rounding for a
 // reduced-precision grad_W, however often a class is the target). Parallel over the targets.
+// acc += a b on CUDA with a float32 accumulator and bfloat16/float16 operands (grad_W over several
+// chunks). Not the mixed-dtype addmm (aten::addmm.dtype_out with a float32 self/out and 16-bit
+// matrices): torch's CUDA implementation of it has refused that mix ("self and mat2 must have the
+// same dtype"). The product goes through aten::mm.dtype_out instead (16-bit operands of one dtype,
+// float32 accumulate and output in cuBLAS) into a scratch of at most kProductSliceElems, one slice
+// of acc's rows at a time, and is added in float32: no rounding to 16 bits before the sum.
+constexpr int64_t kProductSliceElems = int64_t{1} << 23;  // 32 MiB of float32
+void add_product_acc_cuda(Tensor acc, const Tensor& a, const Tensor& b) {
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  if (rows == 0 || cols == 0) return;
+  const int64_t slice = std::max<int64_t>(1, std::min(rows, kProductSliceElems / cols));
+  Tensor scratch = at::empty({slice, cols}, acc.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += slice) {
+    const int64_t rn = std::min(slice, rows - r0);
+    Tensor part = scratch.narrow(0, 0, rn);
+    at::mm_out(part, a.narrow(0, r0, rn), b, acc.scalar_type());
+    acc.narrow(0, r0, rn).add_(part);
+  }
+}
+
 void add_target_rows_cpu(Tensor& gw, const Tensor& x, const Tensor& target, const Tensor& val, const Tensor& active) {
   const int64_t rows = x.size(0), D = x.size(1);
   const Tensor xd = x.stride(1) == 1 ? x : x.contiguous();
@@ -504,7 +524,7 @@ void filtered_backward(const Problem& p, const Tensor& logits, const Tensor& xc,
       } else if (direct) {
         gwb.addmm_(lb, xs);
       } else if (!p.x.is_cpu()) {
-        at::addmm_out(gwb, gwb, lb, xs, gw_acc.scalar_type());
+        add_product_acc_cuda(gwb, lb, xs);
       } else {
         gwb.add_(at::mm(lb, xs));  // (no mixed-dtype GEMM on CPU)
       }
@@ -648,7 +668,7 @@ void run_chunks(const Problem& p, const RowArgs& a, int64_t chunk_size, const Te
           if (!gw_started) at::mm_out(g.weight, logits.t(), xc);
           else g.weight.addmm_(logits.t(), xc);
         } else if (!p.x.is_cpu()) {
-          at::addmm_out(g.weight, g.weight, logits.t(), xc, p.acc);  // cuBLAS: bf16/fp16 in, fp32 accumulate
+          add_product_acc_cuda(g.weight, logits.t(), xc);  // bf16/fp16 in, fp32 accumulate and sum
         } else {
           if (!gw_tmp.defined()) gw_tmp = cpu_buffers::empty({p.V, p.D}, p.w.options());
           at::mm_out(gw_tmp, logits.t(), xc);

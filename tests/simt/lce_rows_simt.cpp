@@ -1,5 +1,7 @@
 // The CUDA row pass (csrc/cuda/lce_rows_kernels.cuh, unchanged) on the CPU SIMT runtime, launched
-// by the same plan as the real launcher (csrc/cuda/lce_rows_plan.h) for a described device.
+// by the real host launch code (csrc/cuda/lce_rows_launch.h: plan, function attributes, the
+// cluster-occupancy query and its cache, cudaLaunchKernelEx) over the described devices of
+// simt_cudart.h, which applies the hardware's launch rules.
 //
 // C interface (used by the torch op in ops.cpp and, through ctypes, by the teeth test, which
 // builds this file against a mutated copy of the kernel source): every buffer is copied into a
@@ -8,8 +10,7 @@
 #include "simt_harness.h"
 #include "staged.h"
 
-#include "cuda/lce_rows_kernels.cuh"
-#include "cuda/lce_rows_plan.h"
+#include "cuda/lce_rows_launch.h"
 
 #include <cstdio>
 #include <string>
@@ -20,13 +21,33 @@ using fastreg::lce_cuda::DeviceDesc;
 using fastreg::lce_cuda::RowArgs;
 using fastreg::lce_cuda::RowPlan;
 using fastreg::lce_cuda::RowPolicy;
+using fastreg::lce_cuda::lce_rows_kernel;
 
-// "h100-unplaceable": an H100 on which no cluster can be placed (cudaOccupancyMaxActiveClusters
-// == 0, e.g. other work holds the GPCs): the launcher falls back to one CTA per row.
-DeviceDesc device_by_name(const std::string& name) {
-  if (name == "h100" || name == "h100-unplaceable") return fastreg::lce_cuda::h100_desc();
-  if (name == "a100") return fastreg::lce_cuda::a100_desc();
-  throw simt::Error("unknown device description '" + name + "' (h100, h100-unplaceable, a100)");
+// What nvcc knows about the kernel and the runtime needs: its static shared memory (the
+// __shared__ declarations of lce_rows_kernel: scratch[33], cluster_part, cluster_total) and its
+// __launch_bounds__ maximum. tag: 1 for the cached variants.
+template <typename T>
+void declare_row_kernels(const char* dtype) {
+  using A = typename fastreg::AccOf<T>::type;
+  const size_t smem = 35 * sizeof(fastreg::lce_cuda::Stats<A>);
+  const int bounds = fastreg::lce_cuda::kMaxThreads;
+  const std::string n = std::string("lce_rows_kernel<") + dtype;
+  simt_cudart::register_kernel(lce_rows_kernel<T, true, true>, {n + ", cached, cluster>", smem, bounds, 1});
+  simt_cudart::register_kernel(lce_rows_kernel<T, false, true>, {n + ", streaming, cluster>", smem, bounds, 0});
+  simt_cudart::register_kernel(lce_rows_kernel<T, true, false>, {n + ", cached>", smem, bounds, 1});
+  simt_cudart::register_kernel(lce_rows_kernel<T, false, false>, {n + ", streaming>", smem, bounds, 0});
+}
+
+void declare_kernels() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    declare_row_kernels<float>("float");
+    declare_row_kernels<double>("double");
+#ifndef SIMT_FLOAT_ONLY
+    declare_row_kernels<__nv_bfloat16>("bfloat16");
+    declare_row_kernels<__half>("half");
+#endif
+  });
 }
 
 // "auto" (the planner's choice), "single-cached", "single-streaming", "cluster{2,4,8}-{cached,streaming}".
@@ -48,32 +69,21 @@ RowPolicy policy_by_name(const std::string& s) {
   return p;
 }
 
-template <typename T>
-std::string run_typed(RowArgs a, const DeviceDesc& d, bool clusters_placeable, const RowPolicy& pol,
-                      simt::Schedule sched, uint64_t seed) {
-  constexpr int VEC = fastreg::lce_cuda::Pack<T>::N;
-  const int64_t static_smem = fastreg::lce_cuda::row_static_smem<T>();
-  RowPlan p = fastreg::lce_cuda::plan_rows(d, a.rows, a.V / VEC, a.write_grad, static_smem, pol);
-  if (p.K > 1 && !clusters_placeable) p = fastreg::lce_cuda::single_cta_fallback(d, p, a.V / VEC, static_smem);
-  if (p.K > 1 && !(d.clusters && d.cc >= 90)) throw simt::Error("a cluster plan on a device without clusters");
-  if (p.cached && p.smem + static_smem > d.smem_optin) {
-    throw simt::Error("the plan's shared memory exceeds the device's opt-in limit");
-  }
-  a.K = p.K;
-  simt::LaunchConfig cfg;
-  cfg.grid = dim3(static_cast<unsigned>(a.rows * p.K));
-  cfg.block = dim3(static_cast<unsigned>(p.threads));
-  cfg.dynamic_smem = static_cast<size_t>(p.smem);
-  cfg.cluster = static_cast<unsigned>(p.K);
-  cfg.schedule = sched;
-  cfg.seed = seed;
-  using fastreg::lce_cuda::lce_rows_kernel;
-  if (p.K > 1) {
-    simt::launch_kernel(cfg, p.cached ? lce_rows_kernel<T, true, true> : lce_rows_kernel<T, false, true>, a);
-  } else {
-    simt::launch_kernel(cfg, p.cached ? lce_rows_kernel<T, true, false> : lce_rows_kernel<T, false, false>, a);
-  }
+// The strategy the launch log shows: "single-cached", "cluster4-streaming", ...
+std::string executed_strategy() {
+  const std::vector<simt_cudart::LaunchRecord> log = simt_cudart::launch_log();
+  if (log.size() != 1) throw simt::Error("the launcher made " + std::to_string(log.size()) + " launches, not 1");
+  RowPlan p;
+  p.K = static_cast<int>(log[0].cluster);
+  p.cached = log[0].tag == 1;
   return fastreg::lce_cuda::strategy_name(p);
+}
+
+template <typename T>
+std::string run_typed(const RowArgs& a, int dev, const RowPolicy& pol, simt::Schedule sched, uint64_t seed) {
+  simt_cudart::set_execution(sched, seed);
+  fastreg::lce_cuda::launch_rows<T>(a, dev, simt_cudart::stream(dev), pol);
+  return executed_strategy();
 }
 
 }  // namespace
@@ -128,24 +138,24 @@ extern "C" int simt_lce_rows(const SimtLceCall* c, char* msg, int msg_len) {
     a.loss_f64 = c->loss_f64 != 0;
     a.write_grad = c->write_grad != 0;
     std::string name = "none";
+    declare_kernels();
     if (rows > 0) {
-      const DeviceDesc d = device_by_name(c->device);
-      const bool placeable = std::string(c->device) != "h100-unplaceable";
+      const int dev = simt_cudart::device_index(c->device);
       const RowPolicy pol = policy_by_name(c->strategy);
       const simt::Schedule sched = simt::parse_schedule(c->schedule);
       switch (c->dtype) {
         case kSimtF32:
-          name = run_typed<float>(a, d, placeable, pol, sched, c->seed);
+          name = run_typed<float>(a, dev, pol, sched, c->seed);
           break;
         case kSimtF64:
-          name = run_typed<double>(a, d, placeable, pol, sched, c->seed);
+          name = run_typed<double>(a, dev, pol, sched, c->seed);
           break;
 #ifndef SIMT_FLOAT_ONLY
         case kSimtBF16:
-          name = run_typed<__nv_bfloat16>(a, d, placeable, pol, sched, c->seed);
+          name = run_typed<__nv_bfloat16>(a, dev, pol, sched, c->seed);
           break;
         case kSimtF16:
-          name = run_typed<__half>(a, d, placeable, pol, sched, c->seed);
+          name = run_typed<__half>(a, dev, pol, sched, c->seed);
           break;
 #endif
         default:
@@ -162,6 +172,7 @@ extern "C" int simt_lce_rows(const SimtLceCall* c, char* msg, int msg_len) {
     lse.finish();
     argmax.finish();
     keep.finish();
+    for (const std::string& w : simt_cudart::take_warnings()) name += "\nwarning: " + w;
     snprintf(msg, static_cast<size_t>(msg_len), "%s", name.c_str());
     return 0;
   } catch (const std::exception& e) {
@@ -176,8 +187,8 @@ extern "C" int simt_lce_plan(const char* device, int64_t rows, int64_t V, int32_
     const int64_t vec = dtype == kSimtF64 ? 2 : (dtype == kSimtF32 ? 4 : 8);
     const int64_t static_smem = dtype == kSimtF64 ? fastreg::lce_cuda::row_static_smem<double>()
                                                   : fastreg::lce_cuda::row_static_smem<float>();
-    const RowPlan p = fastreg::lce_cuda::plan_rows(device_by_name(device), rows, V / vec, write_grad != 0,
-                                                   static_smem, policy_by_name(strategy));
+    const DeviceDesc d = fastreg::lce_cuda::device_desc(simt_cudart::device_index(device));
+    const RowPlan p = fastreg::lce_cuda::plan_rows(d, rows, V / vec, write_grad != 0, static_smem, policy_by_name(strategy));
     snprintf(msg, static_cast<size_t>(msg_len), "%s threads=%d smem=%lld", fastreg::lce_cuda::strategy_name(p).c_str(),
              p.threads, static_cast<long long>(p.smem));
     return 0;

@@ -11,6 +11,7 @@
 //   _lce_plan(str device, int rows, int V, ScalarType dtype, bool write_grad, str strategy) -> str
 //   _optim_batch_cap(int lists) -> int
 //   _selftest(str name, str schedule) -> str   runtime self-tests (selftest.cpp)
+//   _launch_rule(str name) -> str               the SIMT CUDA runtime's launch rules (selftest.cpp)
 //   _convert(Tensor x, ScalarType dtype) -> (bits, back)   the runtime's bf16/fp16 conversions
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -244,6 +245,12 @@ std::string selftest(const std::string& name, const std::string& schedule) {
   return rc == 0 ? std::string(msg) : "error: " + std::string(msg);
 }
 
+std::string launch_rule(const std::string& name) {
+  char msg[1024];
+  const int rc = simt_launch_rule(name.c_str(), msg, sizeof msg);
+  return rc == 0 ? std::string(msg) : "error: " + std::string(msg);
+}
+
 std::tuple<Tensor, Tensor> convert(const Tensor& x, c10::ScalarType dtype) {
   check_cpu(x, "x");
   TORCH_CHECK(x.scalar_type() == c10::ScalarType::Float, "fastreg_simt._convert: x must be float32");
@@ -279,5 +286,6 @@ TORCH_LIBRARY(fastreg_simt, m) {
       &fused_adam);
   m.def("_optim_batch_cap(int lists) -> int", &optim_batch_cap);
   m.def("_selftest(str name, str schedule) -> str", &selftest);
+  m.def("_launch_rule(str name) -> str", &launch_rule);
   m.def("_convert(Tensor x, ScalarType dtype) -> (Tensor bits, Tensor back)", &convert);
 }

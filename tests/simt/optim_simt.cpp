@@ -1,10 +1,12 @@
 // The CUDA fused optimizers (csrc/cuda/optim_kernels.cuh, unchanged) on the CPU SIMT runtime,
-// cut into launches by the same plan as the real launcher (for_each_launch). C interface:
-// simt_harness.h. Every tensor and scalar is staged into a guarded allocation for the call.
+// launched by the real host launch code (csrc/cuda/optim_launch.h) on the described H100 of
+// simt_cudart.h. C interface: simt_harness.h. Every tensor and scalar is staged into a guarded
+// allocation for the call.
+#include "optim_declare.h"
 #include "simt_harness.h"
 #include "staged.h"
 
-#include "cuda/optim_kernels.cuh"
+#include "cuda/optim_launch.h"
 
 #include <cstdio>
 #include <memory>
@@ -25,24 +27,13 @@ template <int kLists, typename Hyper, typename Main, typename Epilogue>
 void run_batches(Run& run, const std::vector<void*>& ptrs, const std::vector<void*>* counters, const Hyper& h,
                  const DeviceScalars& sc, Main main, Epilogue epilogue) {
   const SimtOptimCall& c = run.c;
-  for_each_launch<kLists>(
-      c.n, [&](int l, int64_t i) { return ptrs[static_cast<size_t>(l) * c.n + i]; },
-      [&](int64_t i) { return c.numel[i]; }, counters, h, sc,
-      [&](const Args<kLists, Hyper>& args, int32_t chunks) {
-        run.batch_sizes.push_back(args.batch.count);
-        simt::LaunchConfig cfg;
-        cfg.block = dim3(kThreads);
-        cfg.schedule = run.sched;
-        cfg.seed = c.seed + run.batch_sizes.size();
-        if (chunks > 0) {
-          cfg.grid = dim3(static_cast<unsigned>(chunks));
-          simt::launch_kernel(cfg, main, args);
-        }
-        if (counters != nullptr) {
-          cfg.grid = dim3(static_cast<unsigned>(epilogue_blocks(args.batch.count)));
-          simt::launch_kernel(cfg, epilogue, args);
-        }
-      });
+  simt_harness::declare_optim_kernels(main, epilogue);
+  simt_cudart::set_execution(run.sched, c.seed);
+  const int dev = simt_cudart::device_index("h100");
+  launch_group<kLists>(
+      "simt fused optimizer", dev, simt_cudart::stream(dev), c.n,
+      [&](int l, int64_t i) { return ptrs[static_cast<size_t>(l) * c.n + i]; }, [&](int64_t i) { return c.numel[i]; },
+      counters, h, sc, main, epilogue, 0, [&](int32_t count) { run.batch_sizes.push_back(count); });
 }
 
 DeviceScalar scalar(const void* p, int f64) {
@@ -122,12 +113,14 @@ extern "C" int simt_fused_optim(const SimtOptimCall* call, char* msg, int msg_le
       case kSimtF64:
         run_typed<double>(run, ptrs, counters, sc);
         break;
+#ifndef SIMT_FLOAT_ONLY
       case kSimtBF16:
         run_typed<__nv_bfloat16>(run, ptrs, counters, sc);
         break;
       case kSimtF16:
         run_typed<__half>(run, ptrs, counters, sc);
         break;
+#endif
       default:
         throw simt::Error("unsupported dtype");
     }

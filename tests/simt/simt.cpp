@@ -493,6 +493,27 @@ void trap(const char* what) {
 
 void* dynamic_shared_memory() { return current().block->smem; }
 
+void check_vector_access(const void* p, size_t bytes, const char* what) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % bytes == 0) return;
+  std::string where = "memory outside every guarded buffer";
+  {
+    std::lock_guard<std::mutex> lock(guard_mu);
+    auto it = guards().upper_bound(a);
+    if (it != guards().begin()) {
+      --it;
+      const Guarded& g = it->second;
+      if (a < reinterpret_cast<uintptr_t>(g.data + g.bytes)) {
+        where = "byte offset " + std::to_string(a - it->first) + " of buffer '" + g.name + "'";
+      }
+    }
+  }
+  const std::string msg = "misaligned " + std::to_string(bytes) + "-byte vector " + what + " at " + where +
+                          " (address mod " + std::to_string(bytes) + " = " + std::to_string(a % bytes) +
+                          "; a GPU faults with cudaErrorMisalignedAddress) called";
+  trap(msg.c_str());
+}
+
 uint64_t warp_collective(CollectiveKind kind, unsigned mask, uint64_t payload, int src_lane) {
   Fiber& f = current();
   f.kind = kind;

@@ -92,6 +92,10 @@ int lane_id();
 
 void sync_threads();
 [[noreturn]] void trap(const char* what);
+// A vector access of `bytes` bytes at p (the kernels' vector_load/vector_store): traps, naming the
+// guarded buffer and the byte offset, unless p is `bytes`-aligned, as the GPU faults
+// (cudaErrorMisalignedAddress) where x86 does not.
+void check_vector_access(const void* p, size_t bytes, const char* what);
 void* dynamic_shared_memory();
 
 enum class CollectiveKind { kSync, kShuffle, kBallot };

@@ -4,8 +4,9 @@ The kernel sources compiled are those of the checkout this file lives in (csrc/ 
 so the tests always execute the kernels being changed. torch.utils.cpp_extension + ninja, cached
 in <repo>/build/simt (ninja rebuilds what a source or header change touches).
 
-``build_kernel_library(csrc_dir, out_dir, runtime_obj)`` compiles the plain C interface (simt_harness.h) of a
-possibly mutated kernel tree into a shared library for ctypes, as the teeth test does.
+``build_kernel_library(csrc_dir, out_dir, runtime_obj, harness=...)`` compiles the plain C interface
+(simt_harness.h) of one harness against a possibly mutated kernel tree into a shared library for
+ctypes, as the teeth tests do.
 """
 from __future__ import annotations
 
@@ -56,11 +57,13 @@ def build_runtime_object(out_dir: str) -> str:
     return obj
 
 
-def build_kernel_library(csrc_dir: str, out_dir: str, runtime_obj: str, float_only: bool = True) -> str:
-    """g++ the row-pass harness against the kernel tree `csrc_dir`, linked with the runtime
-    object, into out_dir/libsimt_kernels.so (no torch headers: seconds, not minutes)."""
+def build_kernel_library(csrc_dir: str, out_dir: str, runtime_obj: str, float_only: bool = True,
+                         harness: str = "lce_rows_simt.cpp") -> str:
+    """g++ one harness (the row pass: lce_rows_simt.cpp, or the optimizers: optim_simt.cpp) against
+    the kernel and launcher tree `csrc_dir`, linked with the runtime object, into
+    out_dir/libsimt_kernels.so (no torch headers: seconds, not minutes)."""
     out = os.path.join(out_dir, "libsimt_kernels.so")
     cmd = [os.environ.get("CXX", "g++"), "-shared", "-fPIC", *CFLAGS, *(["-DSIMT_FLOAT_ONLY"] if float_only else []),
-           f"-I{HERE}", f"-I{csrc_dir}", os.path.join(HERE, "lce_rows_simt.cpp"), runtime_obj, "-o", out, "-lpthread"]
+           f"-I{HERE}", f"-I{csrc_dir}", os.path.join(HERE, harness), runtime_obj, "-o", out, "-lpthread"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out

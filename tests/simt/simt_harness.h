@@ -62,6 +62,9 @@ int simt_fused_optim(const SimtOptimCall* call, char* msg, int msg_len);
 int simt_optim_batch_cap(int32_t lists);
 // Runtime self-tests (selftest.cpp): 0 and msg "out=..." when the kernel ran, 1 and the error.
 int simt_selftest(const char* name, const char* schedule, char* msg, int msg_len);
+// The launch rules of the SIMT CUDA runtime (simt_cudart.h, selftest.cpp): 0 and "out=..." when the
+// launch ran, 1 and the runtime's error text.
+int simt_launch_rule(const char* name, char* msg, int msg_len);
 // float -> bf16 (kind kSimtBF16) / fp16 (kSimtF16) bits with the runtime's conversion, and back.
 void simt_convert(const float* in, uint16_t* bits, float* back, int64_t n, int32_t kind);
 }

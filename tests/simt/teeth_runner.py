@@ -1,6 +1,7 @@
 """Runs the row-pass kernel of a SIMT kernel library (tests/simt/simt_build.py build_kernel_library)
-through ctypes on a few float32 cases, every schedule and three launch strategies, against
-fastreg's CPU kernel and across schedules (bit-identical). Used by the teeth test of
+through ctypes on a few float32 cases (CASES: shapes, launch strategies, probability targets), every
+schedule, launched by the real launcher, against fastreg's CPU kernel and across schedules
+(bit-identical). Used by the teeth test of
 tests/test_simt.py on mutated copies of the kernel source, in a subprocess (an out-of-bounds
 access ends it with SIGSEGV and a message naming the buffer).
 
@@ -37,35 +38,65 @@ class SimtLceCall(ctypes.Structure):  # simt_harness.h
     ]
 
 
-def run(lib, logits, target, weight, scale, eps, strategy, schedule):
+def run(lib, logits, target, weight, scale, eps, strategy, schedule, probs=None, device="h100"):
+    """(loss, gradient, what the harness reports: the strategy executed and any warnings)."""
     lg = logits.clone()
     loss = torch.full((lg.shape[0],), float("nan"))
-    c = SimtLceCall(lg.data_ptr(), target.data_ptr(), weight.data_ptr() if weight is not None else None,
+    c = SimtLceCall(lg.data_ptr(), target.data_ptr() if target.numel() else None,
+                    weight.data_ptr() if weight is not None else None,
                     scale.data_ptr(), loss.data_ptr(), lg.shape[0], lg.shape[1], IGNORE, eps, 0.0, 0.0,
-                    0, 0, 0, 0, int(scale.numel() != 1), 0, 1, b"h100", strategy.encode(), schedule.encode(), 7)
+                    0, 0, 0, 0, int(scale.numel() != 1), 0, 1, device.encode(), strategy.encode(), schedule.encode(), 7,
+                    probs.data_ptr() if probs is not None else None)
     msg = ctypes.create_string_buffer(1024)
     if lib.simt_lce_rows(ctypes.byref(c), msg, 1024) != 0:
         print("SIMT ERROR:", msg.value.decode(), flush=True)
         sys.exit(2)
-    return loss, lg
+    return loss, lg, msg.value.decode()
+
+
+def misaligned(q, elems):
+    """q in a (rows, V) view `elems` elements into a larger buffer (a chunk of a probs tensor)."""
+    buf = torch.empty(q.numel() + elems, dtype=q.dtype)
+    view = buf[elems:].view(q.shape)
+    view.copy_(q)
+    return view
+
+
+# (rows, V, strategies, probability targets): rows * V * 4 bytes is a multiple of 16, so the staged
+# logits end exactly at a guard page. V = 12288 fp32 on one CTA caches exactly 48 KiB, which with
+# the kernel's static shared memory needs the raised limit; the probabilities of the last case start
+# 4 bytes off the logits' alignment.
+CASES = [
+    (4, 4096 + 4, ("single-cached", "single-streaming", "cluster2-cached"), False),
+    (3, 96 + 4, ("single-cached", "single-streaming", "cluster2-cached"), False),
+    (2, 12288, ("single-cached",), False),
+    (4, 1000 + 4, ("single-streaming", "cluster2-cached"), True),
+]
 
 
 def main():
     lib = ctypes.CDLL(sys.argv[1])
     failures = 0
-    # rows * V * 4 bytes is a multiple of 16: the staged logits end exactly at a guard page
-    for seed, (rows, V) in enumerate([(4, 4096 + 4), (3, 96 + 4)]):
+    for seed, (rows, V, strategies, soft) in enumerate(CASES):
         logits, target, weight, scale = make_case(rows, V, torch.float32, weights=True, seed=seed)
         target[-1] = V - 1  # the last row is active
         eps = 0.1
+        probs = None
+        if soft:
+            q = torch.rand(rows, V) ** 2
+            probs = misaligned(q / q.sum(1, keepdim=True), 1)
+            target = torch.empty(0, dtype=torch.int64)
         loss_cpu = torch.empty(rows)
         grad_cpu = logits.clone()
-        torch.ops.fastreg._lce_rows(grad_cpu, target, weight, scale, IGNORE, eps, 0.0, 0.0, True, loss_cpu)
-        for strategy in ("single-cached", "single-streaming", "cluster2-cached"):
+        torch.ops.fastreg._lce_rows(grad_cpu, target, weight, scale, IGNORE, eps, 0.0, 0.0, True, loss_cpu, probs)
+        for strategy in strategies:
             first = None
             for schedule in ("forward", "reverse", "shuffle"):
-                loss, grad = run(lib, logits, target, weight, scale, eps, strategy, schedule)
+                loss, grad, executed = run(lib, logits, target, weight, scale, eps, strategy, schedule, probs)
                 what = f"V={V} {strategy} {schedule}"
+                if executed != strategy:
+                    print(f"STRATEGY {what}: the launcher ran {executed!r}", flush=True)
+                    failures += 1
                 if not (torch.isfinite(loss).all() and torch.isfinite(grad).all()):
                     print(f"MISMATCH {what}: non-finite results", flush=True)
                     failures += 1
@@ -82,6 +113,14 @@ def main():
                 elif not (torch.equal(first[0], loss) and torch.equal(first[1], grad)):
                     print(f"MISMATCH {what}: differs from the forward schedule (order-dependent)", flush=True)
                     failures += 1
+    # a cluster-occupancy query that fails with an error ("h100-flaky": the first one in the
+    # process) is no answer: that launch falls back with a warning, the next one runs the cluster
+    logits, target, weight, scale = make_case(2, 4096 + 4, torch.float32, weights=True, seed=9)
+    runs = [run(lib, logits, target, weight, scale, 0.0, "cluster2-cached", "forward", device="h100-flaky")[2]
+            for _ in range(2)]
+    if not (runs[0].startswith("single-cached\nwarning:") and runs[1] == "cluster2-cached"):
+        print(f"STRATEGY after a failed occupancy query: {runs!r}", flush=True)
+        failures += 1
     print("OK" if failures == 0 else f"{failures} mismatch(es)", flush=True)
     sys.exit(1 if failures else 0)
 

@@ -1,5 +1,6 @@
 // The CUDA fused optimizers' bf16 training modes (csrc/cuda/optim_kernels.cuh, unchanged) on the
-// CPU SIMT runtime of tests/simt, cut into launches by the real launcher's plan (for_each_launch).
+// CPU SIMT runtime of tests/simt, launched by the real host launch code (csrc/cuda/optim_launch.h)
+// on the described H100 of tests/simt/simt_cudart.h.
 // A plain C function for ctypes (tests/test_optim_bf16.py builds this file with tests/simt/simt.cpp
 // into a small shared library, no torch headers): the test compares the bits these kernels write
 // with the CPU kernel's. Every buffer is staged into a guarded allocation for the call.
@@ -8,9 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "optim_declare.h"
 #include "staged.h"
 
-#include "cuda/optim_kernels.cuh"
+#include "cuda/optim_launch.h"
 
 using namespace fastreg::optim_cuda;
 
@@ -67,24 +69,14 @@ struct Runner {
       }
       counters[i] = stage(c.counters[i], c.adam ? 4 : 1, true, "counter");
     }
-    simt::LaunchConfig cfg;
-    cfg.block = dim3(kThreads);
-    cfg.schedule = simt::parse_schedule(c.schedule);
-    for_each_launch<kLists>(
-        c.n, [&](int l, int64_t i) { return ptrs[static_cast<size_t>(l) * c.n + i]; },
-        [&](int64_t i) { return c.numel[i]; }, has_counters ? &counters : nullptr, h, DeviceScalars{},
-        [&](const Args<kLists, Hyper>& args, int32_t chunks) {
-          cfg.seed = c.seed + static_cast<uint64_t>(++launches);
-          if (chunks > 0) {
-            cfg.grid = dim3(static_cast<unsigned>(chunks));
-            simt::launch_kernel(cfg, main, args);
-          }
-          if (has_counters) {
-            cfg.grid = dim3(static_cast<unsigned>(epilogue_blocks(args.batch.count)));
-            simt::launch_kernel(cfg, epilogue, args);
-          }
-        },
-        c.sr_seed);
+    simt_harness::declare_optim_kernels(main, epilogue);
+    simt_cudart::set_execution(simt::parse_schedule(c.schedule), c.seed);
+    const int dev = simt_cudart::device_index("h100");
+    launch_group<kLists>(
+        "simt fused optimizer (bf16 modes)", dev, simt_cudart::stream(dev), c.n,
+        [&](int l, int64_t i) { return ptrs[static_cast<size_t>(l) * c.n + i]; },
+        [&](int64_t i) { return c.numel[i]; }, has_counters ? &counters : nullptr, h, DeviceScalars{}, main, epilogue,
+        c.sr_seed, [&](int32_t) { ++launches; });
     for (auto& s : staged) s->finish();
   }
 };
