@@ -111,12 +111,13 @@ def test_cpu_peak_memory_counts_buffers_a_cache_kept():
 
 
 def test_memory_only_run(tmp_path):
-    assert bench_main(["--ops", "lce", "--memory-only", "--sizes", "64x32x512", "--providers", "fastreg,eager,floor",
+    # MBs of gradients: a reading of a few hundred KiB is within the kernel's RSS batching
+    assert bench_main(["--ops", "lce", "--memory-only", "--sizes", "64x256x8192", "--providers", "fastreg,eager,floor",
                        "--out", str(tmp_path), "--no-plots", "--no-progress"]) == 0
     rows = {r["provider"]: r for r in read_csv(tmp_path / "lce.csv")}
     for name in ("fastreg", "eager"):
         assert rows[name]["status"] == "OK" and rows[name]["median_ms"] == ""
-        assert int(rows[name]["peak_extra_bytes"]) >= (512 * 32 + 64 * 32) * 4
+        assert int(rows[name]["peak_extra_bytes"]) >= (8192 * 256 + 64 * 256) * 4
     assert rows["floor"]["median_ms"] == ""
 
 

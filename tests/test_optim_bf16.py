@@ -416,8 +416,11 @@ def test_sparse_sgd_like_torch(cfg):
             o.zero_grad()
             m["lin"](m["emb"](idx)).square().sum().backward()
             o.step()
+    # Tolerance relative to each tensor's scale: the fused dense step rounds differently from
+    # torch's on some CPUs (FMA contraction differs by ISA), and six momentum steps through a
+    # quadratic loss grow a 1-ulp difference to ~1e-6 of the values -- also on entries near zero.
     for (n, x), (_, y) in zip(models[0].named_parameters(), models[1].named_parameters()):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()), msg=n)
 
 
 def test_sparse_sgd_grad_scaler_skip():
