@@ -241,6 +241,13 @@ def error_gate(torch_error: float, floor: float) -> float:
     return GATE_FACTOR * max(torch_error, floor)
 
 
+def print_bars(title: str, results) -> None:
+    """Prints the pass/fail targets of a section: `title`, then one line per (text, passed, value)."""
+    print(title)
+    for text, passed, value in results:
+        print(f"  {'PASS' if passed else 'FAIL'}  {text}: {value}")
+
+
 def rel_err(value, ref) -> float:
     """Relative error of ``value`` against ``ref`` (both tensors or numbers), computed in float64."""
     a = torch.as_tensor(value).detach().to("cpu", torch.float64)

@@ -270,9 +270,7 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
           f"{repeats} repeat(s); torch threads {torch.get_num_threads()}; cpu ms: the process's CPU time, all "
           "threads, which a loaded machine inflates less than wall time)")
     if not args.quick:
-        print("bars (issue 15):")
-        for text, passed, value in bars(rows):
-            print(f"  {'PASS' if passed else 'FAIL'}  {text}: {value}")
+        C.print_bars("bars (issue 15):", bars(rows))
     if args.plots:
         path = f"{out_dir}/fit-cpu.png"
         plot(rows, path)

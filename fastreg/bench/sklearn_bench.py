@@ -192,9 +192,7 @@ def run(args, prov: dict, out_dir: str, show_progress: bool = True) -> list:
           "coefficients, float64 (Ridge: sum of squares + alpha |W|^2); peak RSS growth: the fit's high-water "
           "mark above the resident set before it, fastreg's block cache included)")
     if not args.quick:
-        print("bars (issue: scikit-learn estimators):")
-        for text, passed, value in bars(rows):
-            print(f"  {'PASS' if passed else 'FAIL'}  {text}: {value}")
+        C.print_bars("bars (issue: scikit-learn estimators):", bars(rows))
     if args.plots:
         path = os.path.join(out_dir, "sklearn-cpu.png")
         plot(rows, path)
