@@ -247,7 +247,10 @@ def linear_cross_entropy(
     (:mod:`fastreg.memory`).
     """
     dtensor = _dtensor_class()
-    if dtensor is not None and any(isinstance(t, dtensor) for t in (input, linear_weight, target, linear_bias, weight)):
+    # an or-chain, not any() over a generator: this runs on every call, small models' too
+    if dtensor is not None and (isinstance(linear_weight, dtensor) or isinstance(input, dtensor)
+                                or isinstance(target, dtensor) or isinstance(linear_bias, dtensor)
+                                or isinstance(weight, dtensor)):
         unsupported = [name for name, given in (("return_stats", return_stats), ("skip_ignored=True", skip_ignored),
                                                 ("grad_filter_eps", grad_filter_eps is not None)) if given]
         options = dict(linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
